@@ -13,6 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = sorted(glob.glob(str(ROOT / "csrc" / "**" / "*.cu"), recursive=True))
+CUDA_GLUE_SOURCES = sorted(glob.glob(str(ROOT / "csrc" / "**" / "*_cuda.cpp"), recursive=True))
 
 
 def nvcc_or_skip() -> str:
@@ -38,6 +39,31 @@ def test_cuda_source_compiles_for_sm90a(source, tmp_path):
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"nvcc failed on {source}:\n{result.stderr[-4000:]}"
+
+
+@pytest.mark.parametrize("source", CUDA_GLUE_SOURCES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_cuda_glue_compiles_against_torch_headers(source, tmp_path):
+    """The torch side of the CUDA kernels, compiled (not linked) with the host compiler. A CPU build
+    of torch ships the c10/cuda headers but not the one generated at CUDA build time, so a stub
+    stands in for it."""
+    nvcc = nvcc_or_skip()
+    from torch.utils.cpp_extension import include_paths
+
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), Path(os.path.realpath(nvcc)).parents[1], "/usr/local/cuda"]
+    includes = [Path(c) / "include" for c in candidates if c and (Path(c) / "include" / "cuda_runtime.h").exists()]
+    if not includes:
+        pytest.fail(f"nvcc at {nvcc} but no CUDA include dir among {candidates}")
+    cuda_include = includes[0]
+    stub = tmp_path / "include" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    command = [
+        "g++", "-std=c++17", "-fsyntax-only", "-Wall", "-DDIMASKDINO_WITH_CUDA=1",
+        f"-I{ROOT / 'csrc'}", f"-I{tmp_path / 'include'}", f"-I{cuda_include}",
+        *[f"-I{path}" for path in include_paths()], source,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"g++ failed on {source}:\n{result.stderr[-4000:]}"
 
 
 def test_cmake_builds_the_same_sources(tmp_path):
