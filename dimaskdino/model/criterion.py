@@ -1,0 +1,296 @@
+"""Set criterion: every loss and deep-supervision term of SPEC section 5.
+
+`criterion(outputs, targets)` returns WEIGHTED scalar losses (their sum is the total loss) keyed
+"{output}/{term}": outputs `init`, `dec0`.., `interm`, `ti0`, `ti1`, and `dn/init`, `dn/dec0`..;
+terms `class`, `l1`, `giou`, `mask_bce`, `mask_dice` (mask terms only for outputs with masks, so
+never for the TI outputs).
+
+- class: sigmoid focal loss (alpha, gamma) summed over every query and class, target one-hot of the
+  matched GT label (all zero for unmatched queries = background);
+- l1 on normalized cxcywh, giou = 1 - GIoU, of matched pairs;
+- mask_bce (mean over points) and mask_dice (+1 smoothed) of matched pairs, on num_points points
+  per pair chosen by the uncertainty of the matched predicted mask (no gradient in choosing), the
+  GT value at a point being the bilinear sample of the binary GT mask there;
+- every sum divided by num_boxes = the batch's GT count averaged over processes, at least 1. The
+  denoising terms are divided by num_boxes x num_groups, since every GT appears once per group
+  (as the authors do), so a denoising term is per GT copy like the matched ones.
+
+All non-denoising outputs are matched in ONE `matcher.match` call (one device-to-host transfer per
+step); denoising query g * single_pad + i is paired with GT i without matching.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from .matcher import HungarianMatcher, Matches
+from .point_sample import point_sample, uncertainty_points
+from .postprocess import decoder_output_names
+
+
+def sigmoid_focal_loss_sum(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """Sum over all elements of the sigmoid focal loss (Lin et al. 2017) with alpha weighting."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1.0 - prob) * (1.0 - targets)
+    alpha_t = alpha * targets + (1.0 - alpha) * (1.0 - targets)
+    return (alpha_t * ce * (1.0 - p_t).pow(gamma)).sum()
+
+
+def dice_loss_sum(point_logits: torch.Tensor, point_targets: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of 1 - (2 s.t + 1) / (sum s + sum t + 1), s = sigmoid of the logits."""
+    prob = point_logits.sigmoid()
+    numerator = 2.0 * (prob * point_targets).sum(-1)
+    denominator = prob.sum(-1) + point_targets.sum(-1)
+    return (1.0 - (numerator + 1.0) / (denominator + 1.0)).sum()
+
+
+def is_prediction(value) -> bool:
+    return isinstance(value, dict) and "logits" in value and "boxes" in value
+
+
+def denoising_matches(sizes: list[int], num_groups: int, single_pad: int, device) -> Matches:
+    """Fixed pairs of the denoising queries: query g * single_pad + i <-> GT i, i < that image's GT
+    count, for every group g. Built on the device from host-known sizes (no synchronization)."""
+    matches = []
+    for size in sizes:
+        if size > single_pad:
+            raise ValueError(f"denoising: an image has {size} GT but single_pad is {single_pad}")
+        gt_idx = torch.arange(size, device=device)
+        group_start = torch.arange(num_groups, device=device) * single_pad
+        pred_idx = (group_start[:, None] + gt_idx[None, :]).reshape(-1)
+        matches.append((pred_idx, gt_idx.repeat(num_groups)))
+    return matches
+
+
+def float_gt_masks(targets: list[dict], device) -> list[torch.Tensor]:
+    """GT masks per image as float (N, 1, H, W), made once per step and shared by every output:
+    grid_sample needs float maps. (Memory: N x H x W x 4 bytes per image; a fused kernel reading
+    the bool masks directly would remove it.)"""
+    return [t["masks"].to(device)[:, None].float() for t in targets]
+
+
+@torch.no_grad()
+def gt_point_values(
+    gt_masks: list[torch.Tensor], matches: Matches, points: torch.Tensor, copies_per_gt: int
+) -> torch.Tensor:
+    """Values (R, P) of the matched GT masks at each pair's points (R, P, 2), pairs ordered by image.
+
+    One grid_sample per image with the GT masks as the batch, no per-pair copy of a mask: a GT row
+    carries the points of every pair that uses that GT. Hungarian pairs use each GT at most once
+    (copies_per_gt = 1); denoising pair g * n + i uses GT i (copies_per_gt = num_groups).
+    """
+    num_points = points.shape[1]
+    values, start = [], 0
+    for masks, (pred_idx, gt_idx) in zip(gt_masks, matches):
+        count = pred_idx.shape[0]
+        if count == 0:
+            continue
+        image_points = points[start: start + count]
+        start += count
+        num_gt = masks.shape[0]
+        if copies_per_gt == 1:
+            grid = image_points.new_zeros(num_gt, num_points, 2).index_copy_(0, gt_idx, image_points)
+            values.append(point_sample(masks, grid)[:, 0][gt_idx])
+        else:
+            grid = image_points.reshape(copies_per_gt, num_gt, num_points, 2).transpose(0, 1)
+            sampled = point_sample(masks, grid.reshape(num_gt, copies_per_gt * num_points, 2))[:, 0]
+            values.append(sampled.reshape(num_gt, copies_per_gt, num_points).transpose(0, 1).reshape(-1, num_points))
+    return torch.cat(values)
+
+
+class SetCriterion(nn.Module):
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        class_weight: float,
+        l1_weight: float,
+        giou_weight: float,
+        mask_bce_weight: float,
+        dice_weight: float,
+        num_points: int,
+        oversample_ratio: float,
+        importance_sample_ratio: float,
+        focal_alpha: float,
+        focal_gamma: float,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.class_weight = class_weight
+        self.l1_weight = l1_weight
+        self.giou_weight = giou_weight
+        self.mask_bce_weight = mask_bce_weight
+        self.dice_weight = dice_weight
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        # Matches of the last call, for logging (e.g. matched mask IoU of the final output).
+        self.last_matches: dict[str, Matches] = {}
+        self.final_output_name: str | None = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, weights: class={self.class_weight}, l1={self.l1_weight}, "
+            f"giou={self.giou_weight}, mask_bce={self.mask_bce_weight}, dice={self.dice_weight}; "
+            f"num_points={self.num_points}, oversample_ratio={self.oversample_ratio}, "
+            f"importance_sample_ratio={self.importance_sample_ratio}, focal_alpha={self.focal_alpha}, "
+            f"focal_gamma={self.focal_gamma}"
+        )
+
+    def final_matches(self) -> Matches:
+        """(pred_idx, gt_idx) per image of the final decoder output of the last call."""
+        if self.final_output_name is None:
+            raise RuntimeError("final_matches: the criterion has not been called on decoder outputs yet")
+        return self.last_matches[self.final_output_name]
+
+    # ------------------------------------------------------------------ normalization
+
+    @staticmethod
+    def average_num_boxes(targets: list[dict], device) -> torch.Tensor | float:
+        """GT count of the batch averaged over all processes, at least 1 (a float when not
+        distributed, so no device tensor and no synchronization is needed)."""
+        total = float(sum(int(t["labels"].shape[0]) for t in targets))
+        if dist.is_available() and dist.is_initialized():
+            count = torch.tensor(total, device=device)
+            dist.all_reduce(count)
+            return (count / dist.get_world_size()).clamp(min=1.0)
+        return max(total, 1.0)
+
+    # ------------------------------------------------------------------ per-output losses
+
+    def class_loss(self, logits, batch_idx, src_idx, gt_labels, normalizer):
+        if logits.shape[-1] != self.num_classes:
+            raise ValueError(f"criterion: logits have {logits.shape[-1]} classes, expected {self.num_classes}")
+        logits = logits.float()
+        onehot = torch.zeros_like(logits)
+        onehot[batch_idx, src_idx, gt_labels] = 1.0
+        return sigmoid_focal_loss_sum(logits, onehot, self.focal_alpha, self.focal_gamma) / normalizer
+
+    @staticmethod
+    def box_losses(boxes, batch_idx, src_idx, gt_boxes, normalizer):
+        src = boxes[batch_idx, src_idx].float()
+        l1 = (src - gt_boxes).abs().sum() / normalizer
+        giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(gt_boxes))
+        return l1, (1.0 - giou).sum() / normalizer
+
+    def mask_losses(self, masks, batch_idx, src_idx, gt_masks, matches, copies_per_gt, normalizer, generator):
+        """Point-sampled BCE and dice of the matched masks (SPEC section 5)."""
+        if batch_idx.shape[0] == 0:
+            zero = masks.reshape(-1)[:0].float().sum()  # 0, finite, part of the graph
+            return zero, zero
+        matched = masks[batch_idx, src_idx].float()  # (R, Hm, Wm): only the matched masks
+        points = uncertainty_points(
+            matched.detach(), self.num_points, self.oversample_ratio, self.importance_sample_ratio, generator
+        )
+        point_logits = point_sample(matched.unsqueeze(1), points).squeeze(1)  # (R, P)
+        with torch.no_grad():
+            point_targets = gt_point_values(gt_masks, matches, points, copies_per_gt)
+        bce = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="none").mean(1).sum()
+        return bce / normalizer, dice_loss_sum(point_logits, point_targets) / normalizer
+
+    def output_losses(self, prefix, pred, targets, gt_masks, matches, copies_per_gt, normalizer, generator):
+        """Weighted losses "{prefix}/{term}" of one output given its (pred_idx, gt_idx) per image."""
+        device = pred["logits"].device
+        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(matches)]).to(device)
+        src_idx = torch.cat([src for src, _ in matches]).to(device)
+        gt_labels = torch.cat([t["labels"].to(device).long()[gt] for t, (_, gt) in zip(targets, matches)])
+        gt_boxes = torch.cat([t["boxes"].to(device)[gt] for t, (_, gt) in zip(targets, matches)]).float()
+
+        class_loss = self.class_loss(pred["logits"], batch_idx, src_idx, gt_labels, normalizer)
+        losses = {f"{prefix}/class": self.class_weight * class_loss}
+        l1, giou = self.box_losses(pred["boxes"], batch_idx, src_idx, gt_boxes, normalizer)
+        losses[f"{prefix}/l1"] = self.l1_weight * l1
+        losses[f"{prefix}/giou"] = self.giou_weight * giou
+        if "masks" in pred:
+            bce, dice = self.mask_losses(
+                pred["masks"], batch_idx, src_idx, gt_masks, matches, copies_per_gt, normalizer, generator
+            )
+            losses[f"{prefix}/mask_bce"] = self.mask_bce_weight * bce
+            losses[f"{prefix}/mask_dice"] = self.dice_weight * dice
+        return losses
+
+    # ------------------------------------------------------------------ all outputs
+
+    def forward(
+        self, outputs: dict, targets: list[dict], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        matched_outputs = {name: pred for name, pred in outputs.items() if name != "dn" and is_prediction(pred)}
+        if not matched_outputs:
+            raise ValueError("criterion: outputs contain no prediction dict ({'logits', 'boxes', ...})")
+        device = next(iter(matched_outputs.values()))["logits"].device
+        num_boxes = self.average_num_boxes(targets, device)
+
+        matches = self.matcher.match(matched_outputs, targets, generator)
+        self.last_matches = matches
+        decoder_names = decoder_output_names(matched_outputs)
+        self.final_output_name = decoder_names[-1] if decoder_names else None
+
+        dn = outputs.get("dn")
+        needs_masks = any("masks" in pred for pred in matched_outputs.values()) or (
+            dn is not None and any(is_prediction(pred) and "masks" in pred for pred in dn.values())
+        )
+        gt_masks = float_gt_masks(targets, device) if needs_masks else None
+
+        losses: dict[str, torch.Tensor] = {}
+        for name, pred in matched_outputs.items():
+            losses.update(
+                self.output_losses(name, pred, targets, gt_masks, matches[name], 1, num_boxes, generator)
+            )
+
+        if dn is not None:
+            num_groups, single_pad = int(dn["num_groups"]), int(dn["single_pad"])
+            sizes = [int(t["labels"].shape[0]) for t in targets]
+            dn_matches = denoising_matches(sizes, num_groups, single_pad, device)
+            for name, pred in dn.items():
+                if not is_prediction(pred):
+                    continue
+                if pred["logits"].shape[1] != num_groups * single_pad:
+                    raise ValueError(
+                        f"criterion: dn/{name} has {pred['logits'].shape[1]} queries, expected "
+                        f"num_groups * single_pad = {num_groups * single_pad}"
+                    )
+                losses.update(self.output_losses(
+                    f"dn/{name}", pred, targets, gt_masks, dn_matches, num_groups, num_boxes * num_groups, generator
+                ))
+        return losses
+
+
+def build_matcher(cfg) -> HungarianMatcher:
+    loss = cfg.loss
+    return HungarianMatcher(
+        cost_class=loss.cost_class,
+        cost_bbox=loss.cost_bbox,
+        cost_giou=loss.cost_giou,
+        cost_mask=loss.cost_mask,
+        cost_dice=loss.cost_dice,
+        num_points=loss.num_points,
+        focal_alpha=loss.focal_alpha,
+        focal_gamma=loss.focal_gamma,
+    )
+
+
+def build_criterion(cfg) -> SetCriterion:
+    """SetCriterion from cfg.loss and cfg.model.num_classes."""
+    loss = cfg.loss
+    return SetCriterion(
+        num_classes=cfg.model.num_classes,
+        matcher=build_matcher(cfg),
+        class_weight=loss.class_weight,
+        l1_weight=loss.l1_weight,
+        giou_weight=loss.giou_weight,
+        mask_bce_weight=loss.mask_bce_weight,
+        dice_weight=loss.dice_weight,
+        num_points=loss.num_points,
+        oversample_ratio=loss.oversample_ratio,
+        importance_sample_ratio=loss.importance_sample_ratio,
+        focal_alpha=loss.focal_alpha,
+        focal_gamma=loss.focal_gamma,
+    )

@@ -1,0 +1,134 @@
+"""Bilinear point sampling of mask maps and uncertainty-based point selection (PointRend style).
+
+Points are normalized (x, y) in [0, 1] over the whole map; the pixel coordinate of a point is
+`x * W - 0.5` (the `grid_sample(align_corners=False)` convention, zero outside the map), so a
+prediction at stride 4 and a GT mask at the input resolution sampled at the same normalized point
+look at the same place in the image.
+
+Two implementations of the same sampling (tested equal):
+- `point_sample`: `F.grid_sample`, one fused pass; float32 maps (lower precision is cast to float32
+  first, since a bf16 grid would move points by up to a pixel);
+- `point_sample_rows`: four gathers with float32 weights, for maps of any dtype (bool GT masks are
+  read as they are, with no float copy at the input resolution) sampled at a few points.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _weight_dtype(maps: torch.Tensor) -> torch.dtype:
+    return torch.float64 if maps.dtype == torch.float64 else torch.float32
+
+
+def _bilinear_corners(points: torch.Tensor, height: int, width: int, dtype: torch.dtype):
+    """The four bilinear corners of each point: [(flat index (..., P) int64, weight (..., P))],
+    weight zero for corners outside the map (zero padding)."""
+    points = points.to(dtype)
+    px = points[..., 0] * width - 0.5
+    py = points[..., 1] * height - 0.5
+    x0f = px.floor()
+    y0f = py.floor()
+    fx = px - x0f
+    fy = py - y0f
+    x0 = x0f.long()
+    y0 = y0f.long()
+    corners = []
+    for dy, wy in ((0, 1.0 - fy), (1, fy)):
+        for dx, wx in ((0, 1.0 - fx), (1, fx)):
+            xi = x0 + dx
+            yi = y0 + dy
+            inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+            index = yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)
+            corners.append((index, wx * wy * inside))
+    return corners
+
+
+def point_sample(features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of `features` (N, C, H, W) at `points` (N, P, 2) -> (N, C, P), float32
+    (float64 for float64 features). All C channels of item n share item n's points."""
+    if features.dim() != 4:
+        raise ValueError(f"point_sample: features must be (N, C, H, W), got {tuple(features.shape)}")
+    if points.dim() != 3 or points.shape[-1] != 2 or points.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"point_sample: points must be (N, P, 2) with N = {features.shape[0]}, got {tuple(points.shape)}"
+        )
+    features = features.to(_weight_dtype(features))
+    grid = (2.0 * points.to(features.dtype) - 1.0).unsqueeze(2)  # (N, P, 1, 2) in [-1, 1]
+    sampled = F.grid_sample(features, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return sampled.squeeze(3)
+
+
+def point_sample_rows(maps: torch.Tensor, points: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Bilinear samples of selected maps, float32 (float64 for float64 maps).
+
+    maps: (M, H, W), any dtype (bool GT masks are fine); differentiable when floating.
+    points: (P, 2) shared by every map -> (M, P); or (R, P, 2) with `rows` (R,) int64 indices into
+    M (one point set per selected map) -> (R, P). Without `rows`, R must equal M.
+    """
+    if maps.dim() != 3:
+        raise ValueError(f"point_sample_rows: maps must be (M, H, W), got {tuple(maps.shape)}")
+    num_maps, height, width = maps.shape
+    shared = points.dim() == 2
+    if shared:
+        if points.shape[-1] != 2:
+            raise ValueError(f"point_sample_rows: points must be (P, 2) or (R, P, 2), got {tuple(points.shape)}")
+        if rows is not None:
+            raise ValueError("point_sample_rows: rows is only used with per-row points (R, P, 2)")
+    else:
+        if points.dim() != 3 or points.shape[-1] != 2:
+            raise ValueError(f"point_sample_rows: points must be (P, 2) or (R, P, 2), got {tuple(points.shape)}")
+        if rows is None and points.shape[0] != num_maps:
+            raise ValueError("point_sample_rows: without rows, points must have one point set per map")
+        if rows is not None and rows.shape != points.shape[:1]:
+            raise ValueError(f"point_sample_rows: rows must be ({points.shape[0]},), got {tuple(rows.shape)}")
+
+    dtype = _weight_dtype(maps)
+    flat = maps.reshape(num_maps, height * width)
+    out = None
+    for index, weight in _bilinear_corners(points, height, width, dtype):
+        if shared:
+            values = flat[:, index]  # (M, P)
+        elif rows is None:
+            values = torch.gather(flat, 1, index)
+        else:
+            values = flat[rows.unsqueeze(1), index]  # (R, P)
+        term = values.to(dtype) * weight
+        out = term if out is None else out + term
+    return out
+
+
+@torch.no_grad()
+def uncertainty_points(
+    mask_logits: torch.Tensor,
+    num_points: int,
+    oversample_ratio: float,
+    importance_sample_ratio: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Points where the masks are least certain, plus uniform ones (SPEC section 5).
+
+    Draws int(num_points * oversample_ratio) uniform candidates per mask, keeps the
+    int(importance_sample_ratio * num_points) with the smallest |logit| (bilinear logit at the
+    candidate), and adds num_points minus that many uniform points.
+
+    mask_logits: (R, H, W). Returns (R, num_points, 2) normalized (x, y). No gradient.
+    """
+    num_masks = mask_logits.shape[0]
+    device = mask_logits.device
+    num_candidates = int(num_points * oversample_ratio)
+    num_uncertain = int(importance_sample_ratio * num_points)
+    num_random = num_points - num_uncertain
+    if not 0 <= num_uncertain <= num_candidates:
+        raise ValueError(
+            f"uncertainty_points: importance_sample_ratio * num_points = {num_uncertain} must be in "
+            f"[0, num_points * oversample_ratio = {num_candidates}]"
+        )
+
+    candidates = torch.rand(num_masks, num_candidates, 2, device=device, generator=generator)
+    logits = point_sample(mask_logits.unsqueeze(1), candidates).squeeze(1)  # (R, num_candidates)
+    most_uncertain = (-logits.abs()).topk(num_uncertain, dim=1).indices
+    chosen = torch.gather(candidates, 1, most_uncertain.unsqueeze(-1).expand(-1, -1, 2))
+    uniform = torch.rand(num_masks, num_random, 2, device=device, generator=generator)
+    return torch.cat((chosen, uniform), dim=1)
