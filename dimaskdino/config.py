@@ -1,0 +1,411 @@
+"""Configuration: nested dataclasses, named presets and typed `key=value` overrides.
+
+    cfg = get_preset("dimaskdino_r50_12ep")
+    cfg = apply_overrides(cfg, ["model.hidden_dim=128", "train.lr=2e-4", "model.di.enabled=false"])
+
+Every preset is its base preset with a few fields edited (`_edit`), so the differences between
+presets are visible in one place. Modules never read the config: the build functions do, and pass
+explicit constructor arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+# Schedules (SPEC section 5) are given in iterations at batch 16; 88,500 iterations are 12 epochs,
+# so one epoch is 7,375 iterations and the steps below are exact epoch fractions.
+_ITERS_PER_EPOCH_AT_BATCH_16 = 88_500 / 12
+
+
+def _epochs(iterations: int) -> float:
+    return iterations / _ITERS_PER_EPOCH_AT_BATCH_16
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BackboneConfig:
+    depth: int = 50  # ResNet 18 / 34 / 50 (torchvision layouts and parameter names)
+    # Local path to a torchvision `resnet50` (or resnet18/34) state dict; "" = random init.
+    weights: str = ""
+    # "frozen_bn" (SPEC: frozen BatchNorm, loads torchvision weights) or "group_norm"
+    # (GroupNorm(32) with trainable affine, for training from scratch: with frozen BN and no
+    # pretrained statistics a ResNet has no normalization at all).
+    norm: str = "frozen_bn"
+
+
+@dataclass
+class EncoderConfig:
+    """The pixel decoder's multi-scale deformable encoder (SPEC section 1)."""
+
+    num_layers: int = 6
+    num_heads: int = 8
+    num_points: int = 4
+    dim_feedforward: int = 2048
+
+
+@dataclass
+class DecoderConfig:
+    num_layers: int = 6  # MaskDINO uses 9
+    num_heads: int = 8
+    num_points: int = 4
+    dim_feedforward: int = 2048
+
+
+@dataclass
+class DIConfig:
+    """De-Imbalance module: token interaction over the first selection, then a second selection
+    (SPEC section 3). Off: one selection of `model.num_queries` tokens straight into the decoder."""
+
+    enabled: bool = True
+    num_first_selection: int = 600  # k1
+    num_ti_layers: int = 2
+    num_heads: int = 8
+    dim_feedforward: int = 2048
+
+
+@dataclass
+class BATOConfig:
+    """Balance-aware tokens optimization (SPEC section 4), run between decoder layers 0 and 1."""
+
+    enabled: bool = True
+    num_guiding_tokens: int = 50
+    num_heads: int = 8
+    dim_feedforward: int = 2048
+
+
+@dataclass
+class DenoisingConfig:
+    enabled: bool = True
+    num_queries: int = 100  # groups = num_queries // (max GT per image)
+    label_noise_prob: float = 0.2
+    box_noise_scale: float = 0.4
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 80
+    hidden_dim: int = 256
+    num_queries: int = 300  # queries entering the decoder (k2 with DI on)
+    mask_enhanced_boxes: bool = True  # replace the selected boxes by the boxes of their masks
+    pixel_mean: tuple[float, ...] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, ...] = (58.395, 57.12, 57.375)
+    size_divisibility: int = 32  # input H, W are padded up to a multiple of this
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    di: DIConfig = field(default_factory=DIConfig)
+    bato: BATOConfig = field(default_factory=BATOConfig)
+    denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss, training, data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossConfig:
+    class_weight: float = 4.0
+    l1_weight: float = 5.0
+    giou_weight: float = 2.0
+    mask_bce_weight: float = 5.0
+    dice_weight: float = 5.0
+    num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    cost_class: float = 4.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    cost_mask: float = 5.0
+    cost_dice: float = 5.0
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    backbone_lr_mult: float = 0.1
+    clip_grad_norm: float = 0.01
+    batch_size: int = 16
+    epochs: int = 12
+    lr_drop_epochs: tuple[float, ...] = (_epochs(81_125),)  # = 11
+    warmup_iters: int = 10
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 1024
+    min_scale: float = 0.1
+    max_scale: float = 2.0
+    test_short_side: int = 800
+    test_max_size: int = 1333
+
+
+@dataclass
+class Config:
+    impl: str = "auto"  # op implementation for every op: "auto" / "ref" / "cpu" / "cuda" / ...
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------
+
+
+def _edit(cfg: Config, **changes: Any) -> Config:
+    """A copy of `cfg` with dotted fields changed: `_edit(cfg, **{"model.di.enabled": False})`."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        *sections, name = key.split(".")
+        target = cfg
+        for section in sections:
+            target = getattr(target, section)
+        if not any(f.name == name for f in dataclasses.fields(target)):
+            raise KeyError(f"preset edit: unknown key '{key}'")
+        setattr(target, name, value)
+    return cfg
+
+
+def _dimaskdino_r50_12ep() -> Config:
+    return Config()
+
+
+def _dimaskdino_r50_24ep() -> Config:
+    return _edit(_dimaskdino_r50_12ep(), **{"train.epochs": 24, "train.lr_drop_epochs": (_epochs(147_500),)})
+
+
+def _dimaskdino_r50_50ep() -> Config:
+    return _edit(
+        _dimaskdino_r50_12ep(),
+        **{"train.epochs": 50, "train.lr_drop_epochs": (_epochs(327_778), _epochs(355_092))},
+    )
+
+
+def _as_maskdino(cfg: Config) -> Config:
+    """The MaskDINO baseline: 9 decoder layers, one selection of 300 tokens, no TI, no BATO."""
+    return _edit(cfg, **{"model.decoder.num_layers": 9, "model.di.enabled": False, "model.bato.enabled": False})
+
+
+def _maskdino_r50_12ep() -> Config:
+    return _as_maskdino(_dimaskdino_r50_12ep())
+
+
+def _maskdino_r50_50ep() -> Config:
+    return _as_maskdino(_dimaskdino_r50_50ep())
+
+
+def _demo() -> Config:
+    """Small DI-MaskDINO (every DI part present) for the synthetic dataset on a CPU: a training
+    step of 2 images at 384x384 takes about a second on 2 cores."""
+    return _edit(
+        _dimaskdino_r50_12ep(),
+        **{
+            "model.num_classes": 10,
+            "model.hidden_dim": 64,
+            "model.num_queries": 50,
+            "model.backbone.depth": 18,
+            "model.backbone.norm": "group_norm",
+            "model.encoder.num_layers": 2,
+            "model.encoder.num_heads": 4,
+            "model.encoder.num_points": 2,
+            "model.encoder.dim_feedforward": 256,
+            "model.decoder.num_layers": 3,
+            "model.decoder.num_heads": 4,
+            "model.decoder.num_points": 2,
+            "model.decoder.dim_feedforward": 256,
+            "model.di.num_first_selection": 100,
+            "model.di.num_heads": 4,
+            "model.di.dim_feedforward": 256,
+            "model.bato.num_guiding_tokens": 10,
+            "model.bato.num_heads": 4,
+            "model.bato.dim_feedforward": 256,
+            "model.denoising.num_queries": 50,
+            "loss.num_points": 3136,
+            "train.batch_size": 2,
+            "train.lr": 2e-4,
+            "train.epochs": 12,
+            "train.lr_drop_epochs": (11.0,),
+            "train.clip_grad_norm": 0.1,
+            "data.image_size": 384,
+            "data.test_short_side": 384,
+            "data.test_max_size": 640,
+        },
+    )
+
+
+PRESETS: dict[str, Callable[[], Config]] = {
+    "dimaskdino_r50_12ep": _dimaskdino_r50_12ep,
+    "dimaskdino_r50_24ep": _dimaskdino_r50_24ep,
+    "dimaskdino_r50_50ep": _dimaskdino_r50_50ep,
+    "maskdino_r50_12ep": _maskdino_r50_12ep,
+    "maskdino_r50_50ep": _maskdino_r50_50ep,
+    "demo": _demo,
+}
+
+
+def get_preset(name: str) -> Config:
+    """A fresh copy of the named preset."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset '{name}'; valid presets: {', '.join(PRESETS)}")
+    cfg = PRESETS[name]()
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides
+# ---------------------------------------------------------------------------------------------
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _parse_scalar(text: str, kind: type, key: str) -> Any:
+    text = text.strip()
+    if kind is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ValueError(f"override '{key}': expected a boolean (true/false), got '{text}'")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            # "1e3" is a fine way to write an integer as long as it is one.
+            try:
+                number = float(text)
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+            raise ValueError(f"override '{key}': expected an int, got '{text}'") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"override '{key}': expected a float, got '{text}'") from None
+    if kind is str:
+        # Quotes are optional: model.backbone.weights=/path and ="" both work.
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            return text[1:-1]
+        return text
+    raise TypeError(f"override '{key}': fields of type {kind} cannot be set from the command line")
+
+
+def _parse_value(text: str, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            item_types = None
+            item_type = args[0]
+        else:
+            item_types = args
+            item_type = None
+        body = text.strip()
+        if body[:1] in "([" and body[-1:] in ")]":
+            body = body[1:-1]
+        items = [part for part in (p.strip() for p in body.split(",")) if part]
+        if item_types is not None and len(items) != len(item_types):
+            raise ValueError(f"override '{key}': expected {len(item_types)} values, got {len(items)} in '{text}'")
+        types_ = item_types if item_types is not None else [item_type] * len(items)
+        return tuple(_parse_scalar(item, t, key) for item, t in zip(items, types_))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"override '{key}': union-typed fields are not supported")
+    return _parse_scalar(text, annotation, key)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """A copy of `cfg` with each `section.field=value` applied; values are parsed by the field's
+    type (int, float, bool, str, tuples). Unknown keys and unparsable values raise with the list
+    of valid keys of that section."""
+    cfg = copy.deepcopy(cfg)
+    for override in overrides:
+        if "=" not in override:
+            raise ValueError(f"override '{override}': expected key=value")
+        key, text = override.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        target: Any = cfg
+        path = []
+        for depth, part in enumerate(parts):
+            hints = typing.get_type_hints(type(target))
+            section_name = ".".join(path) or "<top level>"
+            if part not in hints:
+                valid = ", ".join(hints)
+                raise KeyError(f"unknown config key '{key}': section '{section_name}' has no '{part}'; valid keys: {valid}")
+            annotation = hints[part]
+            is_section = dataclasses.is_dataclass(annotation)
+            last = depth == len(parts) - 1
+            if last and is_section:
+                valid = ", ".join(typing.get_type_hints(annotation))
+                raise KeyError(f"config key '{key}' is a section, not a value; its keys: {valid}")
+            if not last and not is_section:
+                raise KeyError(f"config key '{key}': '{'.'.join(parts[: depth + 1])}' is a value, not a section")
+            if last:
+                setattr(target, part, _parse_value(text, annotation, key))
+            else:
+                target = getattr(target, part)
+                path.append(part)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Consistency checks that would otherwise fail deep inside module construction."""
+    model = cfg.model
+    errors = []
+    if model.backbone.depth not in (18, 34, 50):
+        errors.append(f"model.backbone.depth must be 18, 34 or 50, got {model.backbone.depth}")
+    if model.backbone.norm not in ("frozen_bn", "group_norm"):
+        errors.append(f"model.backbone.norm must be 'frozen_bn' or 'group_norm', got '{model.backbone.norm}'")
+    if model.hidden_dim % 32 != 0:
+        errors.append(f"model.hidden_dim must be a multiple of 32 (GroupNorm(32)), got {model.hidden_dim}")
+    for name, heads in (
+        ("model.encoder.num_heads", model.encoder.num_heads),
+        ("model.decoder.num_heads", model.decoder.num_heads),
+        ("model.di.num_heads", model.di.num_heads),
+        ("model.bato.num_heads", model.bato.num_heads),
+    ):
+        if heads <= 0 or model.hidden_dim % heads != 0:
+            errors.append(f"{name}={heads} must divide model.hidden_dim={model.hidden_dim}")
+    if model.hidden_dim % 4 != 0:
+        errors.append("model.hidden_dim must be divisible by 4 (sine box embedding)")
+    if model.num_classes <= 0:
+        errors.append(f"model.num_classes must be positive, got {model.num_classes}")
+    if model.num_queries <= 0:
+        errors.append(f"model.num_queries must be positive, got {model.num_queries}")
+    if model.di.enabled and model.di.num_first_selection < model.num_queries:
+        errors.append(
+            f"model.di.num_first_selection={model.di.num_first_selection} must be >= "
+            f"model.num_queries={model.num_queries} (the second selection picks from the first)"
+        )
+    if model.di.enabled and model.di.num_ti_layers < 1:
+        errors.append("model.di.num_ti_layers must be >= 1 when DI is enabled")
+    if model.bato.enabled and model.decoder.num_layers < 2:
+        errors.append("BATO runs between decoder layers 0 and 1: model.decoder.num_layers must be >= 2")
+    if model.bato.enabled and not 0 < model.bato.num_guiding_tokens <= model.num_queries:
+        errors.append("model.bato.num_guiding_tokens must be in [1, model.num_queries]")
+    if model.decoder.num_layers < 1 or model.encoder.num_layers < 0:
+        errors.append("model.decoder.num_layers must be >= 1 and model.encoder.num_layers >= 0")
+    if len(model.pixel_mean) != 3 or len(model.pixel_std) != 3:
+        errors.append("model.pixel_mean and model.pixel_std need 3 values (RGB)")
+    if model.size_divisibility < 1:
+        errors.append("model.size_divisibility must be >= 1")
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))

@@ -1,0 +1,46 @@
+"""The prediction heads shared by every output (SPEC sections 2 and 4): one class Linear, one
+3-layer box MLP (last layer zero-init), one 3-layer mask-embedding MLP, and the decoder LayerNorm
+applied before them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dimaskdino.model.layers import MLP, inverse_sigmoid
+
+
+class PredictionHeads(nn.Module):
+    def __init__(self, hidden_dim: int, num_classes: int):
+        super().__init__()
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.class_embed = nn.Linear(hidden_dim, num_classes)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.bbox_embed.zero_init_last_layer()
+        self.mask_embed = MLP(hidden_dim, hidden_dim, hidden_dim, 3)
+
+    def refine_boxes(self, tokens: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """sigmoid(box MLP(tokens) + logit(reference)); reference is a normalized cxcywh box.
+        Box arithmetic stays float32 under autocast (a bf16 box is off by up to 4 px at 1024)."""
+        return (self.bbox_embed(tokens).float() + inverse_sigmoid(reference.float())).sigmoid()
+
+    def masks(self, tokens: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+        """Mask logits: mask embedding of each token dotted with every pixel of the mask features."""
+        return torch.einsum("bqc,bchw->bqhw", self.mask_embed(tokens), mask_features)
+
+    def predict(
+        self,
+        queries: torch.Tensor,
+        mask_features: torch.Tensor,
+        reference: torch.Tensor | None = None,
+        with_masks: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Class logits and mask logits of the normalized queries; boxes refined from `reference`
+        (normalized cxcywh) when it is given."""
+        normed = self.decoder_norm(queries)
+        out = {"logits": self.class_embed(normed)}
+        if with_masks:
+            out["masks"] = self.masks(normed, mask_features)
+        if reference is not None:
+            out["boxes"] = self.refine_boxes(normed, reference)
+        return out
