@@ -141,6 +141,18 @@ class TrainConfig:
     epochs: int = 12
     lr_drop_epochs: tuple[float, ...] = (_epochs(81_125),)  # = 11
     warmup_iters: int = 10
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
+    output_dir: str = "outputs/run"
+    resume: str = "auto"  # "auto": the latest checkpoint in output_dir if any; "": start fresh; or a path
+    max_steps: int = 0  # > 0 stops early (tests, smoke runs); the schedule still follows `epochs`
+    log_period: int = 10  # steps between log records (each one reduces the losses over processes)
+    checkpoint_period: int = 500  # steps; a checkpoint is also written at the end
+    keep_checkpoints: int = 2
+    eval_period: int = 0  # steps; 0 = only at the end
+    eval_batch_size: int = 4
+    num_picture_images: int = 4  # val images in predictions.png
+    deterministic: bool = False  # torch.use_deterministic_algorithms (exact resume tests)
 
 
 @dataclass
@@ -150,6 +162,19 @@ class DataConfig:
     max_scale: float = 2.0
     test_short_side: int = 800
     test_max_size: int = 1333
+    # COCO-format json + image folder; all four empty = the embedded synthetic dataset, generated
+    # on first use into cache_dir (default ~/.cache/dimaskdino, or $DIMASKDINO_CACHE).
+    train_json: str = ""
+    train_images: str = ""
+    val_json: str = ""
+    val_images: str = ""
+    loader: str = "dali"  # "dali", or "torch": the documented plain-PyTorch fallback
+    num_threads: int = 2  # DALI CPU threads per process
+    cache_dir: str = ""
+    synthetic_seed: int = 0
+    synthetic_train: int = 300
+    synthetic_val: int = 50
+    synthetic_size: tuple[int, int] = (320, 320)
 
 
 @dataclass
@@ -264,6 +289,29 @@ def get_preset(name: str) -> Config:
     cfg = PRESETS[name]()
     validate(cfg)
     return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain JSON-able dict (checkpoints, config.json)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict, cls: type = Config, where: str = "config") -> Any:
+    """Inverse of `config_to_dict`; unknown keys raise with their dotted path (a checkpoint from
+    a newer version), missing keys take the defaults (an older one)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise KeyError(f"{where}.{key}: unknown config key; valid keys: {', '.join(hints)}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = config_from_dict(value, annotation, f"{where}.{key}")
+        elif typing.get_origin(annotation) is tuple:
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

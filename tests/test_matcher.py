@@ -200,7 +200,7 @@ def test_cost_matrix_equals_direct_per_pair_formula():
         "masks": torch.randn(1, 4, MASK, MASK) * 3,
     }
     matcher = make_matcher(num_points=64)
-    cost = matcher.cost_matrices({"a": pred}, [target], generator=torch.Generator().manual_seed(5))["a"][0]
+    cost = matcher.cost_matrices({"a": pred}, [target], generators=[torch.Generator().manual_seed(5)])["a"][0]
     points = torch.rand(1, 64, 2, generator=torch.Generator().manual_seed(5))  # the matcher's draw
     x = point_sample(pred["masks"], points)[0]  # (Q, P)
     t = point_sample(target["masks"].float()[None], points)[0]  # (N, P)

@@ -181,14 +181,15 @@ class SetCriterion(nn.Module):
         giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(gt_boxes))
         return l1, (1.0 - giou).sum() / normalizer
 
-    def mask_losses(self, masks, batch_idx, src_idx, gt_masks, matches, copies_per_gt, normalizer, generator):
+    def mask_losses(self, masks, batch_idx, src_idx, gt_masks, matches, copies_per_gt, normalizer, generators):
         """Point-sampled BCE and dice of the matched masks (SPEC section 5)."""
         if batch_idx.shape[0] == 0:
             zero = masks.reshape(-1)[:0].float().sum()  # 0, finite, part of the graph
             return zero, zero
         matched = masks[batch_idx, src_idx].float()  # (R, Hm, Wm): only the matched masks
         points = uncertainty_points(
-            matched.detach(), self.num_points, self.oversample_ratio, self.importance_sample_ratio, generator
+            matched.detach(), self.num_points, self.oversample_ratio, self.importance_sample_ratio, generators,
+            rows_per_image=[int(src.shape[0]) for src, _ in matches],
         )
         point_logits = point_sample(matched.unsqueeze(1), points).squeeze(1)  # (R, P)
         with torch.no_grad():
@@ -196,7 +197,7 @@ class SetCriterion(nn.Module):
         bce = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="none").mean(1).sum()
         return bce / normalizer, dice_loss_sum(point_logits, point_targets) / normalizer
 
-    def output_losses(self, prefix, pred, targets, gt_masks, matches, copies_per_gt, normalizer, generator):
+    def output_losses(self, prefix, pred, targets, gt_masks, matches, copies_per_gt, normalizer, generators):
         """Weighted losses "{prefix}/{term}" of one output given its (pred_idx, gt_idx) per image."""
         device = pred["logits"].device
         batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(matches)]).to(device)
@@ -211,7 +212,7 @@ class SetCriterion(nn.Module):
         losses[f"{prefix}/giou"] = self.giou_weight * giou
         if "masks" in pred:
             bce, dice = self.mask_losses(
-                pred["masks"], batch_idx, src_idx, gt_masks, matches, copies_per_gt, normalizer, generator
+                pred["masks"], batch_idx, src_idx, gt_masks, matches, copies_per_gt, normalizer, generators
             )
             losses[f"{prefix}/mask_bce"] = self.mask_bce_weight * bce
             losses[f"{prefix}/mask_dice"] = self.dice_weight * dice
@@ -220,15 +221,17 @@ class SetCriterion(nn.Module):
     # ------------------------------------------------------------------ all outputs
 
     def forward(
-        self, outputs: dict, targets: list[dict], generator: torch.Generator | None = None
+        self, outputs: dict, targets: list[dict], generators: list[torch.Generator] | None = None
     ) -> dict[str, torch.Tensor]:
+        """Weighted losses; `generators` (one per image) make every random draw of an image
+        independent of the rest of the batch."""
         matched_outputs = {name: pred for name, pred in outputs.items() if name != "dn" and is_prediction(pred)}
         if not matched_outputs:
             raise ValueError("criterion: outputs contain no prediction dict ({'logits', 'boxes', ...})")
         device = next(iter(matched_outputs.values()))["logits"].device
         num_boxes = self.average_num_boxes(targets, device)
 
-        matches = self.matcher.match(matched_outputs, targets, generator)
+        matches = self.matcher.match(matched_outputs, targets, generators)
         self.last_matches = matches
         decoder_names = decoder_output_names(matched_outputs)
         self.final_output_name = decoder_names[-1] if decoder_names else None
@@ -242,7 +245,7 @@ class SetCriterion(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         for name, pred in matched_outputs.items():
             losses.update(
-                self.output_losses(name, pred, targets, gt_masks, matches[name], 1, num_boxes, generator)
+                self.output_losses(name, pred, targets, gt_masks, matches[name], 1, num_boxes, generators)
             )
 
         if dn is not None:
@@ -258,7 +261,7 @@ class SetCriterion(nn.Module):
                         f"num_groups * single_pad = {num_groups * single_pad}"
                     )
                 losses.update(self.output_losses(
-                    f"dn/{name}", pred, targets, gt_masks, dn_matches, num_groups, num_boxes * num_groups, generator
+                    f"dn/{name}", pred, targets, gt_masks, dn_matches, num_groups, num_boxes * num_groups, generators
                 ))
         return losses
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dimaskdino.model.point_sample import rand_per_image
+
 
 @dataclass
 class DenoisingQueries:
@@ -57,11 +59,23 @@ class DenoisingGenerator(nn.Module):
         self.box_noise_scale = box_noise_scale
         self.label_enc = nn.Embedding(num_classes, hidden_dim)
 
-    def forward(self, targets: list[dict[str, torch.Tensor]], num_matching: int) -> DenoisingQueries | None:
+    def forward(
+        self,
+        targets: list[dict[str, torch.Tensor]],
+        num_matching: int,
+        generators: list[torch.Generator] | None = None,
+        max_gt: int | None = None,
+    ) -> DenoisingQueries | None:
         """None when denoising cannot be used: no GT in the batch, or more GT in one image than
-        denoising queries (then not even one group fits)."""
+        denoising queries (then not even one group fits).
+
+        max_gt: the largest GT count per image over the whole global batch (all processes), so
+        that the number of groups does not depend on how the batch is split; default: this
+        batch's. generators: one per image for the noise (see `rand_per_image`)."""
         counts = [int(t["labels"].shape[0]) for t in targets]  # shapes: no host sync
-        single_pad = max(counts, default=0)
+        single_pad = max(counts, default=0) if max_gt is None else max_gt
+        if single_pad < max(counts, default=0):
+            raise ValueError(f"denoising: max_gt={max_gt} is smaller than an image's GT count {max(counts)}")
         if single_pad == 0 or single_pad > self.num_queries:
             return None
         num_groups = self.num_queries // single_pad
@@ -81,15 +95,18 @@ class DenoisingGenerator(nn.Module):
         boxes = boxes.repeat(1, num_groups, 1)
         valid = valid.repeat(1, num_groups)
 
+        per_image = [1] * batch
         if self.label_noise_prob > 0:
-            flip = torch.rand(labels.shape, device=device) < self.label_noise_prob
-            random_labels = torch.randint_like(labels, 0, self.num_classes)
+            draws = rand_per_image(per_image, (labels.shape[1], 2), device, generators)
+            flip = draws[..., 0] < self.label_noise_prob
+            random_labels = (draws[..., 1] * self.num_classes).long().clamp(max=self.num_classes - 1)
             labels = torch.where(flip, random_labels, labels)
         if self.box_noise_scale > 0:
             # Centre moves up to scale * half size; width and height change by up to +-scale.
             half_wh = boxes[..., 2:] / 2
             extent = torch.cat((half_wh, boxes[..., 2:]), dim=-1)
-            noise = (torch.rand_like(boxes) * 2 - 1) * extent * self.box_noise_scale
+            uniform = rand_per_image(per_image, tuple(boxes.shape[1:]), device, generators)
+            noise = (uniform * 2 - 1) * extent * self.box_noise_scale
             boxes = (boxes + noise).clamp(0.0, 1.0)
 
         content = self.label_enc(labels) * valid[..., None]

@@ -61,6 +61,13 @@ class DIMaskDINO(nn.Module):
     def num_decoder_layers(self) -> int:
         return len(self.decoder.layers)
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """Modules that FSDP shards as separate units (the root, with the shared heads, is the last)."""
+        units = [self.backbone, *self.pixel_decoder.layers, *self.decoder.layers]
+        if self.token_interaction is not None:
+            units += list(self.token_interaction.layers)
+        return units
+
     def final_output_key(self) -> str:
         return f"dec{self.num_decoder_layers - 1}"
 
@@ -128,6 +135,8 @@ class DIMaskDINO(nn.Module):
         targets: list[dict[str, torch.Tensor]] | None = None,
         image_sizes: list[tuple[int, int]] | None = None,
         intermediate_masks: bool = True,
+        generators: list[torch.Generator] | None = None,
+        dn_max_gt: int | None = None,
     ) -> dict:
         """images (B, 3, H, W) RGB 0..255, already batched/padded; targets (training only, for
         denoising): per image {"labels" (N,), "boxes" (N, 4) normalized cxcywh of the padded image}.
@@ -142,6 +151,9 @@ class DIMaskDINO(nn.Module):
             G*M denoising queries (query g*M + i <-> GT i of its image).
         Boxes are relative to the input's (H, W). If H or W is not a multiple of 32 the model pads
         internally and crops the masks back to ceil(H/4) x ceil(W/4).
+
+        generators (one per image) and dn_max_gt (the largest GT count per image over all
+        processes) make denoising independent of how a global batch is split (see train.py).
 
         intermediate_masks=False (inference without per-layer evaluation) skips the mask logits
         of "init" and of every decoder layer but the last: at 800x1333 each set is 300 x 200 x 336.
@@ -163,7 +175,7 @@ class DIMaskDINO(nn.Module):
         if self.training and targets is not None and self.denoising is not None:
             if needs_rescale:
                 targets = [{**t, "boxes": t["boxes"].to(x.dtype) / to_input} for t in targets]
-            denoising = self.denoising(targets, num_matching=queries.shape[1])
+            denoising = self.denoising(targets, num_matching=queries.shape[1], generators=generators, max_gt=dn_max_gt)
         num_denoising, blocked = 0, None
         if denoising is not None:
             num_denoising, blocked = denoising.num_queries, denoising.self_attn_blocked

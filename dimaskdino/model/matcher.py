@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from .point_sample import point_sample, point_sample_rows
+from .point_sample import rand_per_image, point_sample, point_sample_rows
 
 # Replaces NaN / +inf costs (and bounds every cost) before solving: large enough to lose against
 # any real cost, small enough that sums over an assignment keep float64 precision.
@@ -124,11 +124,11 @@ class HungarianMatcher(nn.Module):
         return mask_costs_from_point_logits(point_logits, gt_point_values)
 
     def sample_gt_points(
-        self, targets: list[dict], device: torch.device, generator: torch.Generator | None
+        self, targets: list[dict], device: torch.device, generators: list[torch.Generator] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Uniform points (B, P, 2), one set per image, and the GT mask values there (B, max_gt, P),
         zero for padding GT. The masks are read where they are (bool is fine), never copied."""
-        points = torch.rand(len(targets), self.num_points, 2, device=device, generator=generator)
+        points = rand_per_image([1] * len(targets), (self.num_points, 2), device, generators)
         values = []
         for image_points, target in zip(points, targets):
             if target["labels"].shape[0] == 0:
@@ -159,7 +159,7 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def cost_matrices(
-        self, outputs: dict[str, dict], targets: list[dict], generator: torch.Generator | None = None
+        self, outputs: dict[str, dict], targets: list[dict], generators: list[torch.Generator] | None = None
     ) -> dict[str, torch.Tensor]:
         """Cost matrices (B, Q_output, max_gt) of every output, on the device; columns past an
         image's GT count are padding."""
@@ -175,7 +175,7 @@ class HungarianMatcher(nn.Module):
         gt_boxes = pad_sequence([t["boxes"].to(device).float() for t in targets], batch_first=True, padding_value=0.5)
         points = gt_point_values = None
         if any("masks" in pred for pred in outputs.values()):
-            points, gt_point_values = self.sample_gt_points(targets, device, generator)
+            points, gt_point_values = self.sample_gt_points(targets, device, generators)
         with torch.autocast(device_type=device.type, enabled=False):  # costs in float32
             return {
                 name: self.cost_matrix(pred, gt_labels, gt_boxes, points, gt_point_values)
@@ -186,14 +186,14 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def match(
-        self, outputs: dict[str, dict], targets: list[dict], generator: torch.Generator | None = None
+        self, outputs: dict[str, dict], targets: list[dict], generators: list[torch.Generator] | None = None
     ) -> dict[str, Matches]:
         """Hungarian matching of every output in `outputs` (name -> {"logits", "boxes"[, "masks"]})
         against `targets`. Returns name -> per image (pred_idx, gt_idx), int64 on the outputs'
         device, pred_idx ascending. An image without GT gets empty tensors."""
         if not outputs:
             return {}
-        costs = self.cost_matrices(outputs, targets, generator)
+        costs = self.cost_matrices(outputs, targets, generators)
         device = next(iter(costs.values())).device
         sizes = [int(t["labels"].shape[0]) for t in targets]
         shapes = {name: tuple(cost.shape) for name, cost in costs.items()}
@@ -218,5 +218,5 @@ class HungarianMatcher(nn.Module):
         split = iter(torch.split(flat, lengths))
         return {name: [(next(split), next(split)) for _ in pairs] for name, pairs in solved.items()}
 
-    def forward(self, outputs: dict[str, dict], targets: list[dict], generator: torch.Generator | None = None):
-        return self.match(outputs, targets, generator)
+    def forward(self, outputs: dict[str, dict], targets: list[dict], generators: list[torch.Generator] | None = None):
+        return self.match(outputs, targets, generators)

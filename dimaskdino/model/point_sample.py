@@ -99,13 +99,30 @@ def point_sample_rows(maps: torch.Tensor, points: torch.Tensor, rows: torch.Tens
     return out
 
 
+def rand_per_image(
+    rows_per_image: list[int], tail: tuple[int, ...], device, generators: list[torch.Generator] | None
+) -> torch.Tensor:
+    """torch.rand of shape (sum(rows_per_image), *tail) where image i's rows come from
+    generators[i]: the draws of an image do not depend on the rest of its batch (so a batch split
+    over processes, or a resumed run, draws the same numbers). generators=None: the global RNG."""
+    if generators is None:
+        return torch.rand((sum(rows_per_image), *tail), device=device)
+    if len(generators) != len(rows_per_image):
+        raise ValueError(f"rand_per_image: {len(generators)} generators for {len(rows_per_image)} images")
+    return torch.cat([
+        torch.rand((rows, *tail), device=device, generator=generator)
+        for rows, generator in zip(rows_per_image, generators)
+    ])
+
+
 @torch.no_grad()
 def uncertainty_points(
     mask_logits: torch.Tensor,
     num_points: int,
     oversample_ratio: float,
     importance_sample_ratio: float,
-    generator: torch.Generator | None = None,
+    generators: list[torch.Generator] | None = None,
+    rows_per_image: list[int] | None = None,
 ) -> torch.Tensor:
     """Points where the masks are least certain, plus uniform ones (SPEC section 5).
 
@@ -113,7 +130,8 @@ def uncertainty_points(
     int(importance_sample_ratio * num_points) with the smallest |logit| (bilinear logit at the
     candidate), and adds num_points minus that many uniform points.
 
-    mask_logits: (R, H, W). Returns (R, num_points, 2) normalized (x, y). No gradient.
+    mask_logits: (R, H, W), ordered by image with rows_per_image[i] rows of image i (needed with
+    generators, one per image). Returns (R, num_points, 2) normalized (x, y). No gradient.
     """
     num_masks = mask_logits.shape[0]
     device = mask_logits.device
@@ -126,9 +144,12 @@ def uncertainty_points(
             f"[0, num_points * oversample_ratio = {num_candidates}]"
         )
 
-    candidates = torch.rand(num_masks, num_candidates, 2, device=device, generator=generator)
+    rows = rows_per_image if rows_per_image is not None else [num_masks]
+    if sum(rows) != num_masks:
+        raise ValueError(f"uncertainty_points: rows_per_image sums to {sum(rows)}, but there are {num_masks} masks")
+    candidates = rand_per_image(rows, (num_candidates, 2), device, generators)
     logits = point_sample(mask_logits.unsqueeze(1), candidates).squeeze(1)  # (R, num_candidates)
     most_uncertain = (-logits.abs()).topk(num_uncertain, dim=1).indices
     chosen = torch.gather(candidates, 1, most_uncertain.unsqueeze(-1).expand(-1, -1, 2))
-    uniform = torch.rand(num_masks, num_random, 2, device=device, generator=generator)
+    uniform = rand_per_image(rows, (num_random, 2), device, generators)
     return torch.cat((chosen, uniform), dim=1)
