@@ -1,0 +1,451 @@
+"""Measures every kernel against its baselines and writes the figures as JSON.
+
+    python benchmarks/kernels.py [--ops msda] [--out benchmarks/results] [--reps N]
+
+MSDA rows: the pure-PyTorch reference, torch.compile of the reference, our native kernel for the
+device (C++ on CPU, CUDA on GPU) and the original Deformable-DETR extension
+(`MultiScaleDeformableAttention`) when it is importable. On a GPU the encoder shape of SPEC
+(B=2, levels 128/64/32/16 so S=Q=21,760, H=8, D=32, P=4) and the decoder shape (Q=400); on a CPU
+the same with every level 4x smaller per side (S=Q=1,360), so a run takes minutes, not hours.
+
+Bandwidth: the floor is the bytes an ideal kernel must move (read value, locations, weights once,
+write the output; for the backward also read the output gradient and write every input gradient),
+and "% floor" is that floor's time at the device's peak bandwidth divided by the measured time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dimaskdino import _extension  # noqa: E402
+from dimaskdino.ops import ms_deform_attn, ms_deform_attn_ref  # noqa: E402
+
+# Nominal peak DRAM bandwidth (GB/s) by device-name substring; else a measured copy bandwidth.
+NOMINAL_BANDWIDTH_GBS = {"H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H200": 4800.0, "A100-SXM4-80GB": 2039.0}
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device: torch.device, reps: int, warmup: int = 3) -> dict:
+    """Median and spread of wall time per call, synchronizing the device around each call."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples), "reps": reps}
+
+
+def measured_copy_bandwidth_gbs(device: torch.device) -> float:
+    """Read+write bandwidth of a large device-to-device copy: the practical ceiling."""
+    numel = (1 << 28) if device.type == "cuda" else (1 << 26)
+    src = torch.empty(numel, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    timing = time_ms(lambda: dst.copy_(src), device, reps=10)
+    return 2 * src.numel() * 4 / (timing["min_ms"] * 1e-3) / 1e9
+
+
+def peak_bandwidth(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, gbs in NOMINAL_BANDWIDTH_GBS.items():
+            if key in name:
+                return gbs, f"nominal ({key})"
+    return measured_copy_bandwidth_gbs(device), "measured copy"
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        for short in ("h200", "h100", "a100", "l40s", "l4"):
+            if short in name:
+                return short
+        return name.replace(" ", "-")
+    return "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# MSDA
+
+
+@dataclass
+class MsdaShape:
+    name: str
+    batch: int
+    levels: tuple[tuple[int, int], ...]
+    queries: int
+    heads: int = 8
+    channels: int = 32
+    points: int = 4
+
+    @property
+    def tokens(self) -> int:
+        return sum(h * w for h, w in self.levels)
+
+
+def msda_shapes(device: torch.device) -> list[MsdaShape]:
+    side = 128 if device.type == "cuda" else 32
+    levels = tuple((side >> i, side >> i) for i in range(4))
+    tokens = sum(h * w for h, w in levels)
+    return [MsdaShape("encoder", 2, levels, tokens), MsdaShape("decoder", 2, levels, 400)]
+
+
+def msda_inputs(shape: MsdaShape, dtype: torch.dtype, device: torch.device):
+    spatial_shapes = torch.tensor(shape.levels, dtype=torch.int64, device=device)
+    sizes = spatial_shapes.prod(1)
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    value = torch.randn(shape.batch, shape.tokens, shape.heads, shape.channels, device=device, dtype=dtype)
+    loc = torch.rand(shape.batch, shape.queries, shape.heads, len(shape.levels), shape.points, 2, device=device)
+    weights = torch.rand(shape.batch, shape.queries, shape.heads, len(shape.levels), shape.points, device=device).softmax(-1)
+    return value, spatial_shapes, starts, loc, weights
+
+
+def msda_floor_bytes(shape: MsdaShape, dtype: torch.dtype, backward: bool) -> int:
+    elem = torch.finfo(dtype).bits // 8
+    value = shape.batch * shape.tokens * shape.heads * shape.channels * elem
+    points = shape.batch * shape.queries * shape.heads * len(shape.levels) * shape.points
+    loc_weights = points * 3 * 4
+    out = shape.batch * shape.queries * shape.heads * shape.channels * elem
+    forward = value + loc_weights + out
+    # backward: read grad_out, value, loc, weights; write grad_value, grad_loc, grad_weights
+    return forward + (out + value + loc_weights + value + loc_weights if backward else 0)
+
+
+def original_msda():
+    """The Deformable-DETR extension's forward/backward as a callable, or None if not importable."""
+    try:
+        import MultiScaleDeformableAttention as original  # noqa: N813
+    except ImportError:
+        return None
+
+    class OriginalFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, value, shapes, starts, loc, weights):
+            ctx.save_for_backward(value, shapes, starts, loc, weights)
+            return original.ms_deform_attn_forward(value, shapes, starts, loc, weights, 64)
+
+        @staticmethod
+        def backward(ctx, grad):
+            value, shapes, starts, loc, weights = ctx.saved_tensors
+            gv, gl, gw = original.ms_deform_attn_backward(value, shapes, starts, loc, weights, grad.contiguous(), 64)
+            return gv, None, None, gl, gw
+
+    return OriginalFunction.apply
+
+
+def msda_implementations(device: torch.device, dtype: torch.dtype, shape: MsdaShape) -> dict:
+    static_shapes = [tuple(level) for level in shape.levels]
+    impls = {
+        "reference": lambda v, s, i, l, w: ms_deform_attn_ref(v, s, i, l, w),
+        "reference+compile": torch.compile(lambda v, s, i, l, w: ms_deform_attn_ref(v, static_shapes, i, l, w)),
+    }
+    if _extension.native_available("dimaskdino::ms_deform_attn", device.type):
+        impls[f"dimaskdino-{device.type}"] = lambda v, s, i, l, w: ms_deform_attn(v, s, i, l, w, impl=device.type)
+    else:
+        print(f"note: no native {device.type} kernel: {_extension.why_unavailable(device.type)}")
+    original = original_msda() if device.type == "cuda" else None
+    if original is not None:
+        # The original kernel wants every input in value's dtype.
+        impls["deformable-detr"] = lambda v, s, i, l, w: original(v, s, i, l.to(v.dtype), w.to(v.dtype))
+    else:
+        print("note: MultiScaleDeformableAttention (original Deformable-DETR) not importable or not on CUDA: no row")
+    return impls
+
+
+def bench_msda(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
+    dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
+    rows = []
+    for shape in msda_shapes(device):
+        for dtype in dtypes:
+            inputs = msda_inputs(shape, dtype, device)
+            impls = msda_implementations(device, dtype, shape)
+            for mode in ("forward", "forward+backward"):
+                backward = mode != "forward"
+                floor_bytes = msda_floor_bytes(shape, dtype, backward)
+                reference_ms = None
+                for impl_name, fn in impls.items():
+                    value, ss, starts, loc, weights = [t.detach().clone() for t in inputs]
+                    if backward:
+                        for t in (value, loc, weights):
+                            t.requires_grad_()
+                        grad = torch.randn(shape.batch, shape.queries, shape.heads * shape.channels, device=device, dtype=dtype)
+
+                        def run(fn=fn, value=value, ss=ss, starts=starts, loc=loc, weights=weights, grad=grad):
+                            out = fn(value, ss, starts, loc, weights)
+                            torch.autograd.grad(out, (value, loc, weights), grad)
+                    else:
+
+                        def run(fn=fn, value=value, ss=ss, starts=starts, loc=loc, weights=weights):
+                            with torch.no_grad():
+                                fn(value, ss, starts, loc, weights)
+
+                    try:
+                        timing = time_ms(run, device, reps)
+                    except Exception as error:  # a baseline that cannot run this case is a row, not a crash
+                        rows.append(dict(op="msda", shape=asdict(shape), dtype=str(dtype), mode=mode, impl=impl_name, error=repr(error)[:300]))
+                        print(f"{shape.name:8s} {str(dtype):15s} {mode:17s} {impl_name:20s} failed: {repr(error)[:120]}")
+                        continue
+                    ms = timing["median_ms"]
+                    if impl_name == "reference":
+                        reference_ms = ms
+                    achieved_gbs = floor_bytes / (ms * 1e-3) / 1e9
+                    row = dict(
+                        op="msda", shape=asdict(shape), dtype=str(dtype), mode=mode, impl=impl_name, **timing,
+                        floor_bytes=floor_bytes, achieved_gbs=achieved_gbs, pct_of_floor=100 * achieved_gbs / peak_gbs,
+                        speedup_vs_reference=(reference_ms / ms) if reference_ms else None,
+                    )
+                    rows.append(row)
+                    speedup = f"{row['speedup_vs_reference']:7.2f}x" if row["speedup_vs_reference"] else "      -"
+                    print(
+                        f"{shape.name:8s} {str(dtype):15s} {mode:17s} {impl_name:20s} {ms:10.3f} ms "
+                        f"{achieved_gbs:9.1f} GB/s {row['pct_of_floor']:6.1f}% floor {speedup}"
+                    )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# BATO attention (dimaskdino.ops.bato_attention)
+
+
+def _bato_topk_row(op, shape, dtype, mode, impl_name, timing, floor_bytes, flops, peak_gbs, reference_ms, extra):
+    ms = timing["median_ms"]
+    achieved_gbs = floor_bytes / (ms * 1e-3) / 1e9
+    row = dict(
+        op=op, shape=shape, dtype=str(dtype), mode=mode, impl=impl_name, **timing,
+        floor_bytes=floor_bytes, achieved_gbs=achieved_gbs, pct_of_floor=100 * achieved_gbs / peak_gbs,
+        flops=flops, achieved_tflops=flops / (ms * 1e-3) / 1e12,
+        speedup_vs_reference=(reference_ms / ms) if reference_ms else None, **extra,
+    )
+    speedup = f"{row['speedup_vs_reference']:7.2f}x" if row["speedup_vs_reference"] else "      -"
+    print(
+        f"{shape['name']:8s} {str(dtype):15s} {mode:17s} {impl_name:22s} {ms:10.3f} ms "
+        f"{achieved_gbs:9.1f} GB/s {row['pct_of_floor']:6.1f}% floor {row['achieved_tflops']:7.2f} TFLOP/s {speedup}"
+    )
+    return row
+
+
+def bench_bato(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
+    """BATO attention (SPEC section 4): S queries = every encoder token, K = 50 guiding tokens,
+    H = 8, D = 32; q laid out as the model makes it ((B, S, H, D) viewed as (B, H, S, D)).
+    Rows: the plain-PyTorch reference, torch.compile of it, every SDPA backend forced through
+    sdpa_kernel (a backend that refuses the case is an error row), and the Triton kernel (GPU only:
+    on a CPU it would be the interpreter). Floor: read q, k, v and write the output once (backward:
+    also read dO and write dq, dk, dv); FLOPs: 4*B*H*S*K*D forward (two GEMMs), 8x that for the
+    backward's four GEMMs plus its recomputation of q k^T."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dimaskdino.ops import bato_attention, bato_attention_ref
+    from dimaskdino.ops.bato_attention import triton_status
+
+    gpu = device.type == "cuda"
+    shape = dict(name="bato", batch=2, seq=21_760 if gpu else 1_360, keys=50, heads=8, head_dim=32,
+                 layout="q = (B, S, H, D).transpose(1, 2)")
+    batch, seq, keys, heads, dim = shape["batch"], shape["seq"], shape["keys"], shape["heads"], shape["head_dim"]
+    dtype = torch.bfloat16 if gpu else torch.float32
+    elem = torch.finfo(dtype).bits // 8
+
+    def sdpa(backend):
+        def fn(q, k, v):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v)
+        return fn
+
+    impls = {
+        "reference": bato_attention_ref,
+        "reference+compile": torch.compile(bato_attention_ref),
+        "sdpa-math": sdpa(SDPBackend.MATH),
+        "sdpa-efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
+        "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+    }
+    status = triton_status("bato_attention", device.type)
+    if status == "compiled":
+        impls["dimaskdino-triton"] = lambda q, k, v: bato_attention(q, k, v, impl="triton")
+    else:
+        print(f"note: no Triton row for bato on {device.type}: {status}")
+
+    q_data = torch.randn(batch, seq, heads, dim, device=device, dtype=dtype).transpose(1, 2)
+    k_data = torch.randn(batch, heads, keys, dim, device=device, dtype=dtype)
+    v_data = torch.randn(batch, heads, keys, dim, device=device, dtype=dtype)
+    grad = torch.randn(batch, heads, seq, dim, device=device, dtype=dtype)
+    with torch.no_grad():
+        expected = bato_attention_ref(q_data.double(), k_data.double(), v_data.double())
+    q_bytes = batch * heads * seq * dim * elem
+    kv_bytes = 2 * batch * heads * keys * dim * elem
+    forward_flops = 4 * batch * heads * seq * keys * dim
+    rows = []
+    for mode in ("forward", "forward+backward"):
+        backward = mode != "forward"
+        # forward: read q, k, v, write out; backward: read q, dO, k, v, write dq, dk, dv
+        floor_bytes = 2 * q_bytes + kv_bytes + ((3 * q_bytes + 2 * kv_bytes) if backward else 0)
+        flops = forward_flops * (1 + 2.5 if backward else 1)
+        reference_ms = None
+        for impl_name, fn in impls.items():
+            q, k, v = [t.detach().clone() for t in (q_data, k_data, v_data)]
+            if backward:
+                for t in (q, k, v):
+                    t.requires_grad_()
+
+                def run(fn=fn, q=q, k=k, v=v):
+                    torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
+            else:
+
+                def run(fn=fn, q=q, k=k, v=v):
+                    with torch.no_grad():
+                        return fn(q, k, v)
+
+            try:
+                with torch.no_grad():
+                    error = (fn(q, k, v).double() - expected).abs().max().item()
+                timing = time_ms(run, device, reps)
+            except Exception as exc:  # a backend that refuses the case is a row, not a crash
+                rows.append(dict(op="bato", shape=shape, dtype=str(dtype), mode=mode, impl=impl_name, error=repr(exc)[:300]))
+                print(f"{shape['name']:8s} {str(dtype):15s} {mode:17s} {impl_name:22s} failed: {repr(exc)[:120]}")
+                continue
+            if impl_name == "reference":
+                reference_ms = timing["median_ms"]
+            rows.append(_bato_topk_row("bato", shape, dtype, mode, impl_name, timing, floor_bytes, flops, peak_gbs,
+                                               reference_ms, dict(max_abs_err_vs_float64=error)))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused top-k selection (dimaskdino.ops.topk_select)
+
+
+def bench_topk(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
+    """Top-k token selection (SPEC sections 2-3): "first" = LayerNorm(Linear(memory)) -> class
+    Linear -> row max -> top-600 of S encoder tokens; "second" = class Linear -> row max -> top-300
+    of the 600 TI tokens (no projection). Memory and weights in bf16 on a GPU (FSDP's mixed
+    precision), fp32 on a CPU (S reduced to 1,360). Rows: the reference, torch.compile of it, the
+    Triton kernel + torch.topk (GPU only). Floor: read memory and the weights once, write S scores
+    and the k outputs; FLOPs: 2*B*S*d*(d + C) with the projection, 2*B*S*d*C without.
+    `index_overlap` = fraction of the reference's indices that an implementation also picked."""
+    from dimaskdino.ops import topk_select, topk_select_ref
+    from dimaskdino.ops.bato_attention import triton_status
+
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    elem = torch.finfo(dtype).bits // 8
+    dim, classes = 256, 80
+    shapes = [
+        dict(name="first", batch=2, seq=21_760 if gpu else 1_360, dim=dim, classes=classes, k=600, proj=True),
+        dict(name="second", batch=2, seq=600, dim=dim, classes=classes, k=300, proj=False),
+    ]
+    impls = {
+        "reference": topk_select_ref,
+        "reference+compile": torch.compile(topk_select_ref),
+    }
+    status = triton_status("topk_select", device.type)
+    if status == "compiled":
+        impls["dimaskdino-triton"] = lambda *args: topk_select(*args, impl="triton")
+    else:
+        print(f"note: no Triton row for topk on {device.type}: {status}")
+
+    rows = []
+    for shape in shapes:
+        batch, seq, k = shape["batch"], shape["seq"], shape["k"]
+        memory = torch.randn(batch, seq, dim, device=device, dtype=dtype)
+
+        def weight(*size, scale=1.0):
+            return (torch.randn(*size, device=device) * scale).to(dtype)
+
+        cls_w, cls_b = weight(classes, dim, scale=dim ** -0.5), weight(classes)
+        if shape["proj"]:
+            proj = (1 + weight(dim, scale=0.2), weight(dim, scale=0.2), weight(dim, dim, scale=dim ** -0.5), weight(dim))
+        else:
+            proj = (None, None, None, None)
+        args = (memory, *proj, cls_w, cls_b, k)
+        weight_bytes = sum(t.numel() for t in (*proj, cls_w, cls_b) if t is not None) * elem
+        floor_bytes = batch * seq * dim * elem + weight_bytes + batch * seq * 4 + batch * k * (4 + 8)
+        flops = 2 * batch * seq * dim * ((dim if shape["proj"] else 0) + classes)
+        _, expected = topk_select_ref(*args)
+        reference_ms = None
+        for impl_name, fn in impls.items():
+            try:
+                _, indices = fn(*args)
+                overlap = sum(
+                    len(set(indices[b].tolist()) & set(expected[b].tolist())) for b in range(batch)
+                ) / max(1, batch * k)
+                timing = time_ms(lambda fn=fn: fn(*args), device, reps)
+            except Exception as exc:
+                rows.append(dict(op="topk", shape=shape, dtype=str(dtype), mode="forward", impl=impl_name, error=repr(exc)[:300]))
+                print(f"{shape['name']:8s} {str(dtype):15s} {'forward':17s} {impl_name:22s} failed: {repr(exc)[:120]}")
+                continue
+            if impl_name == "reference":
+                reference_ms = timing["median_ms"]
+            rows.append(_bato_topk_row("topk", shape, dtype, "forward", impl_name, timing, floor_bytes, flops, peak_gbs,
+                                               reference_ms, dict(index_overlap=overlap)))
+    return rows
+
+
+SUITES = {
+    "msda": bench_msda,
+    "bato": bench_bato,
+    "topk": bench_topk,
+}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", default=",".join(SUITES), help=f"comma-separated subset of {sorted(SUITES)}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on GPU, 5 on CPU)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    reps = args.reps or (20 if device.type == "cuda" else 5)
+    peak_gbs, peak_source = peak_bandwidth(device)
+    print(f"device: {device_description(device)}; peak bandwidth {peak_gbs:.0f} GB/s ({peak_source})")
+    header = dict(
+        device=device_description(device), device_type=device.type, torch=torch.__version__, cuda=torch.version.cuda,
+        git_commit=git_commit(), python=platform.python_version(), peak_bandwidth_gbs=peak_gbs,
+        peak_bandwidth_source=peak_source, reps=reps, command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+    )
+    os.makedirs(args.out, exist_ok=True)
+    for op in args.ops.split(","):
+        if op not in SUITES:
+            raise SystemExit(f"--ops: unknown op {op!r}; choose from {sorted(SUITES)}")
+        rows = SUITES[op](device, reps, peak_gbs)
+        path = Path(args.out) / f"{device_slug(device)}-{op}.json"
+        with open(path, "w") as f:
+            json.dump(dict(header, op=op, rows=rows), f, indent=1)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
