@@ -99,6 +99,10 @@ class ModelConfig:
     pixel_mean: tuple[float, ...] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, ...] = (58.395, 57.12, 57.375)
     size_divisibility: int = 32  # input H, W are padded up to a multiple of this
+    # Mask outputs in training: "full" (B, Q, H/4, W/4) logits for every output (the reference),
+    # "points" (mask embeddings + features; the matcher and criterion make logits only at their
+    # sampled points: no Q x H x W tensor), "auto" (points on a CUDA device, full elsewhere).
+    train_masks: str = "auto"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -149,7 +153,7 @@ class TrainConfig:
     log_period: int = 10  # steps between log records (each one reduces the losses over processes)
     checkpoint_period: int = 500  # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 2
-    eval_period: int = 0  # steps; 0 = only at the end
+    eval_period: int = 0  # steps; 0 = only at the end; < 0 = never (no metrics, no picture)
     eval_batch_size: int = 4
     num_picture_images: int = 4  # val images in predictions.png
     deterministic: bool = False  # torch.use_deterministic_algorithms (exact resume tests)
@@ -453,6 +457,8 @@ def validate(cfg: Config) -> None:
         errors.append("model.decoder.num_layers must be >= 1 and model.encoder.num_layers >= 0")
     if len(model.pixel_mean) != 3 or len(model.pixel_std) != 3:
         errors.append("model.pixel_mean and model.pixel_std need 3 values (RGB)")
+    if model.train_masks not in ("auto", "full", "points"):
+        errors.append(f"model.train_masks must be 'auto', 'full' or 'points', got '{model.train_masks}'")
     if model.size_divisibility < 1:
         errors.append("model.size_divisibility must be >= 1")
     if errors:

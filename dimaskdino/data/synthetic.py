@@ -53,6 +53,17 @@ class SyntheticPaths:
     val_json: str
     val_images: str
 
+    @classmethod
+    def under(cls, root: str) -> "SyntheticPaths":
+        """Where `make_synthetic_coco(root)` puts each file."""
+        root = os.fspath(root)
+        return cls(root, annotation_path(root, "train"), os.path.join(root, "train"),
+                   annotation_path(root, "val"), os.path.join(root, "val"))
+
+
+def annotation_path(root: str, split: str) -> str:
+    return os.path.join(root, "annotations", f"instances_{split}.json")
+
 
 # ---------------------------------------------------------------------------------------------
 # Shapes: polygon parts (K, 2) of (x, y); a ring has a hole (second part subtracted)
@@ -261,8 +272,8 @@ def write_split(root: str, split: str, count: int, seed: int, h: int, w: int, im
         "annotations": annotations,
         "categories": [dict(c, supercategory="shape") for c in CATEGORIES],
     }
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    path = os.path.join(root, "annotations", f"instances_{split}.json")
+    path = annotation_path(root, split)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(dataset, f, separators=(",", ":"))
     return path
@@ -274,9 +285,9 @@ def make_synthetic_coco(root: str, *, seed: int = 0, num_train: int = 300, num_v
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
     root = os.fspath(root)
-    train_json = write_split(root, "train", num_train, seed, height, width, image_format)
-    val_json = write_split(root, "val", num_val, seed, height, width, image_format)
-    return SyntheticPaths(root, train_json, os.path.join(root, "train"), val_json, os.path.join(root, "val"))
+    write_split(root, "train", num_train, seed, height, width, image_format)
+    write_split(root, "val", num_val, seed, height, width, image_format)
+    return SyntheticPaths.under(root)
 
 
 def _parse_size(text: str) -> tuple[int, int]:
