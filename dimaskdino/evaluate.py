@@ -70,6 +70,11 @@ def _check_and_complete_gt(data: Any, path: str) -> None:
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
             raise _gt_error(path, f"annotations[{i}].bbox", f"expected 4 numbers (x, y, w, h), got {bbox!r}")
         ann.setdefault("iscrowd", 0)
+        segmentation = ann.get("segmentation")
+        if isinstance(segmentation, list):
+            # pycocotools cannot rasterize a part with < 3 points (it takes 4 numbers for a box);
+            # training drops such polygons (data.coco), evaluation keeps the instance as its box.
+            ann["segmentation"] = [part for part in segmentation if isinstance(part, list) and len(part) >= 6]
         if not ann.get("segmentation"):
             x, y, w, h = bbox
             ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]

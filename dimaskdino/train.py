@@ -232,7 +232,8 @@ def train(cfg: Config) -> dict:
         torch.use_deterministic_algorithms(True)
     cfg = resolve_dataset(cfg, info)
     train_set = load_coco(cfg.data.train_json, cfg.data.train_images, for_training=True)
-    val_set = load_coco(cfg.data.val_json, cfg.data.val_images, for_training=False)
+    # One collector for both splits: a file shared by them is reported once.
+    val_set = load_coco(cfg.data.val_json, cfg.data.val_images, for_training=False, problems=train_set.problems)
     categories = train_set.categories
     if cfg.model.num_classes != categories.num_classes:
         logger.info("model.num_classes: %d -> %d (the categories of %s)", cfg.model.num_classes, categories.num_classes, cfg.data.train_json)

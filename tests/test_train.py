@@ -119,5 +119,12 @@ def test_hostile_dataset_trains_and_counts_problems(tmp_path):
             "data.test_max_size=64"]
     result = run_training(out, tmp_path / "cache", ["train.max_steps=2", "train.checkpoint_period=0", *data])
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["data_problems"], metrics
-    assert "data problems" in result.stdout
+    counts = metrics["data_problems"]
+    for kind in ("corrupt or unreadable image", "missing image file", "image without annotations", "zero-area box",
+                 "degenerate polygon"):
+        assert counts.get(kind, 0) >= 1, (kind, counts)
+    reports = [line.split("WARNING: ", 1)[1] for line in result.stdout.splitlines() if "data problem:" in line]
+    assert len(reports) == len(set(reports)), "a problem was reported twice"
+    for name in ("truncated.jpg", "junk.jpg", "missing.jpg", "noann.jpg", "zero.jpg", "degen.jpg"):
+        assert any(name in line for line in reports), name
+    assert "data problems:" in result.stdout  # the summary at the end
