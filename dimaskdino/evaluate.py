@@ -27,6 +27,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+
+from dimaskdino.config import TrainConfig
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -563,8 +565,9 @@ def _check_categories(checkpoint_map, dataset_map, json_path: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dimaskdino.evaluate",
                                      description="COCO box and mask AP of a checkpoint.")
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint directory, or a training output directory (its latest checkpoint)")
+    parser.add_argument("--checkpoint", default=TrainConfig.output_dir,
+                        help="checkpoint directory, or a training output directory (its latest checkpoint); "
+                             f"default: {TrainConfig.output_dir}, where `torchrun -m dimaskdino.train` writes")
     parser.add_argument("--data", type=parse_data_argument, default=None, metavar="JSON:IMAGE_DIR",
                         help="COCO json and image folder (default: the validation set of the checkpoint's config)")
     parser.add_argument("--per-layer", action="store_true",

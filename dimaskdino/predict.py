@@ -27,6 +27,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from dimaskdino.config import TrainConfig
+
 from dimaskdino.data.loader import decode_image, render_image
 from dimaskdino.data.transforms import EVAL_PAD_VALUE, eval_geometry, pad_fill, padded_size
 from dimaskdino.evaluate import (
@@ -215,8 +217,9 @@ def _save_png(picture: np.ndarray, path: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dimaskdino.predict",
                                      description="Predict boxes and masks for images with a checkpoint.")
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint directory, or a training output directory (its latest checkpoint)")
+    parser.add_argument("--checkpoint", default=TrainConfig.output_dir,
+                        help="checkpoint directory, or a training output directory (its latest checkpoint); "
+                             f"default: {TrainConfig.output_dir}, where `torchrun -m dimaskdino.train` writes")
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     parser.add_argument("--output", default="predictions", help="output folder (default: ./predictions)")
     parser.add_argument("--score-threshold", type=float, default=0.3,
