@@ -413,10 +413,212 @@ def bench_topk(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# Point-sampled mask matching cost and mask loss (dimaskdino.ops.mask_loss)
+
+
+class _LargestTensor:
+    """The largest tensor (bytes) any aten op returns while active: a device-independent memory
+    figure (views count at their own size). Used on a CPU; a GPU row reports peak allocated memory."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        recorder = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for leaf in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(leaf, torch.Tensor):
+                        size = leaf.numel() * leaf.element_size()
+                        if size > recorder.bytes:
+                            recorder.bytes, recorder.shape = size, tuple(leaf.shape)
+                return out
+
+        self.bytes, self.shape, self.mode = 0, (), Mode()
+
+
+def _memory_figures(run, device: torch.device) -> dict:
+    """Peak memory above the live tensors (GPU) and the largest tensor made (any device)."""
+    figures = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        figures["peak_extra_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    largest = _LargestTensor()
+    with largest.mode:
+        run()
+    figures["largest_tensor_mb"] = largest.bytes / 2**20
+    figures["largest_tensor_shape"] = list(largest.shape)
+    return figures
+
+
+def bench_mask_loss(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
+    """Mask terms of matching and of the loss for every matched output of a step: interm (600
+    queries), init and 6 decoder layers (300), B = 2, d = 256, 20 GT per image; init/dec0/interm
+    read the original mask features, dec1..5 BATO's (SPEC section 4). GPU: masks 256 x 256 (a 1024
+    input), 12,544 points, bf16 embeddings and features (autocast); CPU: masks 64 x 64 and 784
+    points (the same points per pixel), float32.
+
+    "matcher cost" (no gradient): mean BCE + dice costs (B, Q, 20) of every output at the image's
+    shared uniform points. reference = today's path: the (B, Q, H, W) logits the model makes
+    (einsum, timed here since the fused path does not make them) + grid_sample at the points +
+    the GEMM reductions; reference+compile = torch.compile of it; fused-pytorch = the PyTorch
+    linear path (features sampled once per distinct features tensor, one bmm to (B, Q, P),
+    reductions: what impl=auto runs without a GPU); fused-triton = the Triton kernel (never writes
+    (Q, P); GPU only: on a CPU it would be the interpreter).
+    "mask loss fwd+bwd": the 20 matched pairs per image of every output: matched logits,
+    uncertainty sampling (3x candidates, 75 % most uncertain + 25 % uniform), BCE + dice, backward
+    to the embeddings and the features. reference = (B, Q, H, W) einsum + gather of the matched
+    maps + grid_sample + BCE/dice (today's criterion); fused = matched maps only (one GEMM per
+    image) + dimaskdino.ops.point_mask_loss (ref: grid_sample + PyTorch BCE/dice; triton: fused
+    sampling + reductions, atomics backward). GT point values are fixed random numbers (their
+    sampling is the same in every row and not timed).
+    Memory: "largest_tensor_mb" (every device) and, on a GPU, "peak_extra_mb" (peak allocated
+    above the inputs). max_rel_err: matcher costs against the reference's, |diff| / max(|ref|, 1e-3)."""
+    from dimaskdino.model.matcher import HungarianMatcher
+    from dimaskdino.model.point_sample import point_sample, uncertainty_points
+    from dimaskdino.ops import matched_mask_logits, point_mask_loss
+    from dimaskdino.ops.bato_attention import triton_status
+
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    side, num_points = (256, 12_544) if gpu else (64, 784)
+    batch, queries, interm_queries, layers, dim, num_gt = 2, 300, 600, 6, 256, 20
+    shape = dict(name="mask_loss", batch=batch, queries=queries, interm_queries=interm_queries, decoder_layers=layers,
+                 dim=dim, mask=[side, side], points=num_points, gt_per_image=num_gt, outputs=2 + layers)
+
+    g = torch.Generator(device=device).manual_seed(0)
+    scale = dim ** -0.25
+
+    def randn(*size):
+        return (torch.randn(*size, device=device, generator=g) * scale).to(dtype)
+
+    features = [randn(batch, dim, side, side), randn(batch, dim, side, side)]  # original, BATO-updated
+    outputs = {"interm": (interm_queries, 0), "init": (queries, 0), "dec0": (queries, 0)}
+    outputs.update({f"dec{i}": (queries, 1) for i in range(1, layers)})
+    embeds = {name: randn(batch, count, dim) for name, (count, _) in outputs.items()}
+    feature_of = {name: features[which] for name, (_, which) in outputs.items()}
+    points = torch.rand(batch, num_points, 2, device=device, generator=g)
+    gt_values = (torch.rand(batch, num_gt, num_points, device=device, generator=g) > 0.5).float()
+    rows = [num_gt] * batch
+    src = {name: torch.cat([torch.randperm(count, device=device, generator=g)[:num_gt] for _ in range(batch)])
+           for name, (count, _) in outputs.items()}
+    batch_idx = torch.arange(batch, device=device).repeat_interleave(num_gt)
+    loss_targets = torch.rand(batch * num_gt, num_points, device=device, generator=g)
+    matcher = HungarianMatcher(4.0, 5.0, 2.0, 5.0, 5.0, num_points, 0.25, 2.0)
+
+    def matcher_reference(embeds, features):
+        costs = []
+        for name, e in embeds.items():
+            pred = {"masks": torch.einsum("bqc,bchw->bqhw", e, features[name])}
+            costs.append(matcher.mask_costs(pred, points, gt_values))
+        return costs
+
+    def matcher_fused(impl):
+        def fn(embeds, features):
+            matcher.impl = impl
+            matcher._point_features = {}  # as in HungarianMatcher.cost_matrices: sample each features tensor once
+            try:
+                return [matcher.mask_costs({"mask_embed": e, "mask_features": features[name]}, points, gt_values)
+                        for name, e in embeds.items()]
+            finally:
+                matcher._point_features = None
+        return fn
+
+    def dice_bce(logits, targets):
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1).sum()
+        prob = logits.sigmoid()
+        dice = (1.0 - (2.0 * (prob * targets).sum(-1) + 1.0) / (prob.sum(-1) + targets.sum(-1) + 1.0)).sum()
+        return bce + dice
+
+    def loss_reference(embeds, features):
+        total = 0.0
+        for name, e in embeds.items():
+            masks = torch.einsum("bqc,bchw->bqhw", e, features[name])
+            matched = masks[batch_idx, src[name]].float()
+            pts = uncertainty_points(matched.detach(), num_points, 3.0, 0.75, rows_per_image=rows)
+            total = total + dice_bce(point_sample(matched.unsqueeze(1), pts).squeeze(1), loss_targets)
+        return total
+
+    def loss_fused(impl):
+        def fn(embeds, features):
+            total = 0.0
+            for name, e in embeds.items():
+                matched = matched_mask_logits(e, features[name], src[name], rows).float()
+                pts = uncertainty_points(matched.detach(), num_points, 3.0, 0.75, rows_per_image=rows)
+                bce, dice = point_mask_loss(matched, pts, loss_targets, impl=impl)
+                total = total + bce.sum() + dice.sum()
+            return total
+        return fn
+
+    status = triton_status("mask_loss", device.type)
+    modes = {
+        "matcher cost": {"reference": matcher_reference, "reference+compile": torch.compile(matcher_reference),
+                         "fused-pytorch": matcher_fused("ref")},
+        "mask loss fwd+bwd": {"reference": loss_reference, "reference+compile": torch.compile(loss_reference),
+                              "fused-pytorch": loss_fused("ref")},
+    }
+    if status == "compiled":
+        modes["matcher cost"]["fused-triton"] = matcher_fused("triton")
+        modes["mask loss fwd+bwd"]["fused-triton"] = loss_fused("triton")
+    else:
+        print(f"note: no Triton rows for mask_loss on {device.type}: {status}")
+
+    with torch.no_grad():
+        expected = matcher_reference(embeds, feature_of)
+    rows_out = []
+    for mode, impls in modes.items():
+        backward = mode != "matcher cost"
+        reference_ms = None
+        for impl_name, fn in impls.items():
+            leaves = {name: e.detach().clone().requires_grad_(backward) for name, e in embeds.items()}
+            feats = [f.detach().clone().requires_grad_(backward) for f in features]
+            leaf_features = {name: feats[which] for name, (_, which) in outputs.items()}
+            if backward:
+                def run(fn=fn, leaves=leaves, leaf_features=leaf_features, feats=feats):
+                    torch.autograd.grad(fn(leaves, leaf_features), [*leaves.values(), *feats])
+            else:
+                def run(fn=fn, leaves=leaves, leaf_features=leaf_features):
+                    with torch.no_grad():
+                        return fn(leaves, leaf_features)
+            try:
+                extra = {}
+                if not backward:
+                    got = run()
+                    extra["max_rel_err"] = max(
+                        ((a.double() - b.double()).abs() / b.double().abs().clamp(min=1e-3)).max().item()
+                        for pair_got, pair_want in zip(got, expected) for a, b in zip(pair_got, pair_want))
+                timing = time_ms(run, device, reps)
+                extra.update(_memory_figures(run, device))
+            except Exception as exc:  # a baseline that cannot run this case is a row, not a crash
+                rows_out.append(dict(op="mask_loss", shape=shape, dtype=str(dtype), mode=mode, impl=impl_name, error=repr(exc)[:300]))
+                print(f"{'mask_loss':9s} {str(dtype):15s} {mode:18s} {impl_name:18s} failed: {repr(exc)[:120]}")
+                continue
+            ms = timing["median_ms"]
+            if impl_name == "reference":
+                reference_ms = ms
+            row = dict(op="mask_loss", shape=shape, dtype=str(dtype), mode=mode, impl=impl_name, **timing,
+                       speedup_vs_reference=(reference_ms / ms) if reference_ms else None, **extra)
+            rows_out.append(row)
+            speedup = f"{row['speedup_vs_reference']:7.2f}x" if row["speedup_vs_reference"] else "      -"
+            memory = f"largest {row['largest_tensor_mb']:8.1f} MB {str(tuple(row['largest_tensor_shape'])):22s}"
+            if "peak_extra_mb" in row:
+                memory += f" peak +{row['peak_extra_mb']:8.1f} MB"
+            err = f" rel err {row['max_rel_err']:.1e}" if "max_rel_err" in row else ""
+            print(f"{'mask_loss':9s} {str(dtype):15s} {mode:18s} {impl_name:18s} {ms:10.3f} ms {speedup} {memory}{err}")
+    return rows_out
+
+
 SUITES = {
     "msda": bench_msda,
     "bato": bench_bato,
     "topk": bench_topk,
+    "mask_loss": bench_mask_loss,
 }
 
 

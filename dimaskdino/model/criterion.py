@@ -10,7 +10,11 @@ never for the TI outputs).
 - l1 on normalized cxcywh, giou = 1 - GIoU, of matched pairs;
 - mask_bce (mean over points) and mask_dice (+1 smoothed) of matched pairs, on num_points points
   per pair chosen by the uncertainty of the matched predicted mask (no gradient in choosing), the
-  GT value at a point being the bilinear sample of the binary GT mask there;
+  GT value at a point being the bilinear sample of the binary GT mask there. Only the matched
+  pairs' mask logits are used: taken from "masks" (B, Q, H, W), or, for a prediction with
+  "mask_embed" + "mask_features" instead (the model's train_masks="points"), made for the matched
+  pairs only (one GEMM per image, dimaskdino.ops.matched_mask_logits); sampling + BCE + dice then
+  run in dimaskdino.ops.point_mask_loss (a fused Triton kernel on a GPU);
 - every sum divided by num_boxes = the batch's GT count averaged over processes, at least 1. The
   denoising terms are divided by num_boxes x num_groups, since every GT appears once per group
   (as the authors do), so a denoising term is per GT copy like the matched ones.
@@ -27,7 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
-from .matcher import HungarianMatcher, Matches
+from dimaskdino.ops.mask_loss import matched_mask_logits, point_mask_loss
+
+from .matcher import HungarianMatcher, Matches, has_mask_prediction
 from .point_sample import point_sample, uncertainty_points
 from .postprocess import decoder_output_names
 
@@ -118,6 +124,7 @@ class SetCriterion(nn.Module):
         importance_sample_ratio: float,
         focal_alpha: float,
         focal_gamma: float,
+        impl: str = "auto",
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -132,6 +139,7 @@ class SetCriterion(nn.Module):
         self.importance_sample_ratio = importance_sample_ratio
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.impl = impl  # of dimaskdino.ops.point_mask_loss
         # Matches of the last call, for logging (e.g. matched mask IoU of the final output).
         self.last_matches: dict[str, Matches] = {}
         self.final_output_name: str | None = None
@@ -182,20 +190,27 @@ class SetCriterion(nn.Module):
         return l1, (1.0 - giou).sum() / normalizer
 
     def mask_losses(self, masks, batch_idx, src_idx, gt_masks, matches, copies_per_gt, normalizer, generators):
-        """Point-sampled BCE and dice of the matched masks (SPEC section 5)."""
+        """Point-sampled BCE and dice of the matched masks (SPEC section 5). `masks`: the output's
+        mask logits (B, Q, H, W), or its prediction dict (with "masks", or with "mask_embed" and
+        "mask_features", whose matched pairs' logits are then made here, one GEMM per image)."""
+        pred = masks if isinstance(masks, dict) else {"masks": masks}
+        rows_per_image = [int(src.shape[0]) for src, _ in matches]
         if batch_idx.shape[0] == 0:
-            zero = masks.reshape(-1)[:0].float().sum()  # 0, finite, part of the graph
+            inputs = [pred["masks"]] if "masks" in pred else [pred["mask_embed"], pred["mask_features"]]
+            zero = sum(t.reshape(-1)[:0].float().sum() for t in inputs)  # 0, finite, part of the graph
             return zero, zero
-        matched = masks[batch_idx, src_idx].float()  # (R, Hm, Wm): only the matched masks
+        if "masks" in pred:
+            matched = pred["masks"][batch_idx, src_idx].float()  # (R, Hm, Wm): only the matched masks
+        else:
+            matched = matched_mask_logits(pred["mask_embed"], pred["mask_features"], src_idx, rows_per_image).float()
         points = uncertainty_points(
             matched.detach(), self.num_points, self.oversample_ratio, self.importance_sample_ratio, generators,
-            rows_per_image=[int(src.shape[0]) for src, _ in matches],
+            rows_per_image=rows_per_image,
         )
-        point_logits = point_sample(matched.unsqueeze(1), points).squeeze(1)  # (R, P)
         with torch.no_grad():
             point_targets = gt_point_values(gt_masks, matches, points, copies_per_gt)
-        bce = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="none").mean(1).sum()
-        return bce / normalizer, dice_loss_sum(point_logits, point_targets) / normalizer
+        bce, dice = point_mask_loss(matched, points, point_targets, impl=self.impl)  # (R,) each
+        return bce.sum() / normalizer, dice.sum() / normalizer
 
     def output_losses(self, prefix, pred, targets, gt_masks, matches, copies_per_gt, normalizer, generators):
         """Weighted losses "{prefix}/{term}" of one output given its (pred_idx, gt_idx) per image."""
@@ -210,9 +225,9 @@ class SetCriterion(nn.Module):
         l1, giou = self.box_losses(pred["boxes"], batch_idx, src_idx, gt_boxes, normalizer)
         losses[f"{prefix}/l1"] = self.l1_weight * l1
         losses[f"{prefix}/giou"] = self.giou_weight * giou
-        if "masks" in pred:
+        if has_mask_prediction(pred):
             bce, dice = self.mask_losses(
-                pred["masks"], batch_idx, src_idx, gt_masks, matches, copies_per_gt, normalizer, generators
+                pred, batch_idx, src_idx, gt_masks, matches, copies_per_gt, normalizer, generators
             )
             losses[f"{prefix}/mask_bce"] = self.mask_bce_weight * bce
             losses[f"{prefix}/mask_dice"] = self.dice_weight * dice
@@ -237,8 +252,8 @@ class SetCriterion(nn.Module):
         self.final_output_name = decoder_names[-1] if decoder_names else None
 
         dn = outputs.get("dn")
-        needs_masks = any("masks" in pred for pred in matched_outputs.values()) or (
-            dn is not None and any(is_prediction(pred) and "masks" in pred for pred in dn.values())
+        needs_masks = any(has_mask_prediction(pred) for pred in matched_outputs.values()) or (
+            dn is not None and any(is_prediction(pred) and has_mask_prediction(pred) for pred in dn.values())
         )
         gt_masks = float_gt_masks(targets, device) if needs_masks else None
 
@@ -277,6 +292,7 @@ def build_matcher(cfg) -> HungarianMatcher:
         num_points=loss.num_points,
         focal_alpha=loss.focal_alpha,
         focal_gamma=loss.focal_gamma,
+        impl=cfg.impl,
     )
 
 
@@ -296,4 +312,5 @@ def build_criterion(cfg) -> SetCriterion:
         importance_sample_ratio=loss.importance_sample_ratio,
         focal_alpha=loss.focal_alpha,
         focal_gamma=loss.focal_gamma,
+        impl=cfg.impl,
     )

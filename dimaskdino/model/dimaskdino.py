@@ -17,11 +17,12 @@ from dimaskdino.model.backbone import ResNet, build_backbone
 from dimaskdino.model.decoder import Decoder
 from dimaskdino.model.denoising import DenoisingGenerator
 from dimaskdino.model.di import BalanceAwareTokenOptimization, TokenInteraction
-from dimaskdino.model.heads import PredictionHeads
+from dimaskdino.model.heads import PredictionHeads, masks_from_embeddings
 from dimaskdino.model.pixel_decoder import PixelDecoder
 from dimaskdino.model.query_selection import TokenSelection, encoder_proposals, mask_enhanced_boxes
 
 Prediction = dict[str, torch.Tensor]
+TRAIN_MASKS = ("auto", "full", "points")
 
 
 class DIMaskDINO(nn.Module):
@@ -40,8 +41,11 @@ class DIMaskDINO(nn.Module):
         pixel_mean: tuple[float, ...] = (123.675, 116.28, 103.53),
         pixel_std: tuple[float, ...] = (58.395, 57.12, 57.375),
         size_divisibility: int = 32,
+        train_masks: str = "auto",
     ):
         super().__init__()
+        if train_masks not in TRAIN_MASKS:
+            raise ValueError(f"DIMaskDINO: train_masks must be one of {TRAIN_MASKS}, got {train_masks!r}")
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
         self.heads = heads
@@ -54,6 +58,10 @@ class DIMaskDINO(nn.Module):
         self.num_first_selection = num_first_selection if token_interaction is not None else num_queries
         self.use_mask_enhanced_boxes = mask_enhanced_boxes
         self.size_divisibility = size_divisibility
+        # Mask outputs in training: "full" (B, Q, H/4, W/4) logits, "points" (mask embeddings +
+        # features: the matcher and criterion make logits only at their points), "auto" (points
+        # on a CUDA device, full elsewhere). Evaluation always gets full logits.
+        self.train_masks = train_masks
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), False)
 
@@ -77,6 +85,13 @@ class DIMaskDINO(nn.Module):
         if self.token_interaction is not None:
             keys += [f"ti{i}" for i in range(len(self.token_interaction.layers))]
         return keys + ["init"] + [f"dec{i}" for i in range(self.num_decoder_layers)]
+
+    def uses_point_masks(self, device: torch.device) -> bool:
+        """Whether a forward on `device` in the current mode returns "mask_embed" + "mask_features"
+        instead of "masks"."""
+        if not self.training:
+            return False
+        return self.train_masks == "points" or (self.train_masks == "auto" and device.type == "cuda")
 
     # -----------------------------------------------------------------------------------------
 
@@ -157,6 +172,12 @@ class DIMaskDINO(nn.Module):
 
         intermediate_masks=False (inference without per-layer evaluation) skips the mask logits
         of "init" and of every decoder layer but the last: at 800x1333 each set is 300 x 200 x 336.
+
+        In training with point masks (`uses_point_masks`, from `train_masks`), every prediction
+        dict that would have "masks" has "mask_embed" (B, Q, d) and "mask_features" (B, d, h, w)
+        (a shared tensor, the BATO-updated one for dec1..; cropped like the masks) instead: its
+        mask logits are mask_embed . mask_features, made by the matcher and the criterion only at
+        the points they sample (see dimaskdino.ops.mask_loss).
         """
         self._check_inputs(images, targets, image_sizes)
         height, width = images.shape[-2:]
@@ -168,7 +189,8 @@ class DIMaskDINO(nn.Module):
 
         encoded = self.pixel_decoder(self.backbone(x))
         outputs: dict = {}
-        queries, boxes = self._select_queries(encoded, outputs)
+        point_masks = self.uses_point_masks(x.device)
+        queries, boxes = self._select_queries(encoded, outputs, point_masks)
 
         # Denoising queries go first; they never pass through TI.
         denoising = None
@@ -182,14 +204,19 @@ class DIMaskDINO(nn.Module):
             queries = torch.cat((denoising.content.to(queries.dtype), queries), dim=1)
             boxes = torch.cat((denoising.boxes.to(boxes.dtype), boxes), dim=1)
 
-        predictions = self._decode(queries, boxes, encoded, blocked, num_denoising, intermediate_masks)
+        predictions = self._decode(queries, boxes, encoded, blocked, num_denoising, intermediate_masks, point_masks)
         outputs["dn"] = None
         if denoising is not None:
             outputs["dn"] = {"num_groups": denoising.num_groups, "single_pad": denoising.single_pad}
         for key, prediction in predictions.items():
             if denoising is not None:
-                outputs["dn"][key] = {name: value[:, :num_denoising] for name, value in prediction.items()}
-                prediction = {name: value[:, num_denoising:] for name, value in prediction.items()}
+                # "mask_features" (point masks) is per image, not per query: shared, not split.
+                outputs["dn"][key] = {
+                    name: value if name == "mask_features" else value[:, :num_denoising] for name, value in prediction.items()
+                }
+                prediction = {
+                    name: value if name == "mask_features" else value[:, num_denoising:] for name, value in prediction.items()
+                }
             outputs[key] = prediction
 
         if self.training and denoising is None and self.denoising is not None:
@@ -202,21 +229,26 @@ class DIMaskDINO(nn.Module):
             _to_input_frame(outputs, to_input, (math.ceil(height / 4), math.ceil(width / 4)))
         return outputs
 
-    def _select_queries(self, encoded, outputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _select_queries(self, encoded, outputs: dict, point_masks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """First selection ("interm" output), mask-enhanced boxes, then with DI the token
         interaction ("ti{i}" outputs) and the second selection. Returns the matching queries'
         content (B, Q, d) and boxes (B, Q, 4) for the decoder."""
         heads = self.heads
         proposals, valid = encoder_proposals(encoded.shapes, encoded.memory.device)
         selection = self.token_selection(encoded.memory, proposals, valid, heads, self.num_first_selection)
-        interm = heads.predict(selection.content, encoded.mask_features)
+        interm = heads.predict(selection.content, encoded.mask_features, point_masks=point_masks)
         interm["boxes"] = selection.boxes
         outputs["interm"] = interm
 
         # The decoder side starts from detached content and boxes.
         boxes = selection.boxes.detach()
         if self.use_mask_enhanced_boxes:
-            boxes = mask_enhanced_boxes(interm["masks"].detach(), boxes)
+            if point_masks:  # the boxes need full masks: made without autograd, then dropped
+                with torch.no_grad():
+                    interm_masks = masks_from_embeddings(interm["mask_embed"], encoded.mask_features)
+            else:
+                interm_masks = interm["masks"].detach()
+            boxes = mask_enhanced_boxes(interm_masks, boxes)
         content = selection.content.detach()
         if self.token_interaction is None:
             return content, boxes
@@ -225,11 +257,13 @@ class DIMaskDINO(nn.Module):
             outputs[f"ti{index}"] = layer_output
         return interaction.queries, interaction.boxes
 
-    def _decode(self, queries, boxes, encoded, blocked, num_denoising: int, intermediate_masks: bool) -> dict:
+    def _decode(
+        self, queries, boxes, encoded, blocked, num_denoising: int, intermediate_masks: bool, point_masks: bool = False
+    ) -> dict:
         """The initial prediction from the decoder's input queries, then every decoder layer's:
         {"init": ..., "dec0": ..., ...} over all queries (denoising ones included)."""
         heads = self.heads
-        initial = heads.predict(queries, encoded.mask_features, with_masks=intermediate_masks)
+        initial = heads.predict(queries, encoded.mask_features, with_masks=intermediate_masks, point_masks=point_masks)
         initial["boxes"] = boxes
         predictions = {"init": initial}
         decoded = self.decoder(queries, boxes, encoded, heads, blocked, num_denoising)
@@ -240,7 +274,8 @@ class DIMaskDINO(nn.Module):
             if index >= 1 and decoded.updated_mask_features is not None:
                 mask_features = decoded.updated_mask_features
             predictions[f"dec{index}"] = heads.predict(
-                hidden, mask_features, reference=reference, with_masks=intermediate_masks or index == last
+                hidden, mask_features, reference=reference, with_masks=intermediate_masks or index == last,
+                point_masks=point_masks,
             )
         return predictions
 
@@ -253,6 +288,8 @@ def _to_input_frame(outputs: dict, to_input: torch.Tensor, mask_size: tuple[int,
             prediction["boxes"] = prediction["boxes"] * to_input.to(prediction["boxes"].dtype)
         if "masks" in prediction:
             prediction["masks"] = prediction["masks"][..., : mask_size[0], : mask_size[1]]
+        if "mask_features" in prediction:  # a view: point masks are then relative to the cropped map
+            prediction["mask_features"] = prediction["mask_features"][..., : mask_size[0], : mask_size[1]]
 
     for key, value in outputs.items():
         if key == "dn":
@@ -325,6 +362,7 @@ def build_model(cfg) -> DIMaskDINO:
         pixel_mean=model_cfg.pixel_mean,
         pixel_std=model_cfg.pixel_std,
         size_divisibility=model_cfg.size_divisibility,
+        train_masks=model_cfg.train_masks,
     )
 
 

@@ -26,7 +26,7 @@ class PredictionHeads(nn.Module):
 
     def masks(self, tokens: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
         """Mask logits: mask embedding of each token dotted with every pixel of the mask features."""
-        return torch.einsum("bqc,bchw->bqhw", self.mask_embed(tokens), mask_features)
+        return masks_from_embeddings(self.mask_embed(tokens), mask_features)
 
     def predict(
         self,
@@ -34,13 +34,24 @@ class PredictionHeads(nn.Module):
         mask_features: torch.Tensor,
         reference: torch.Tensor | None = None,
         with_masks: bool = True,
+        point_masks: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Class logits and mask logits of the normalized queries; boxes refined from `reference`
-        (normalized cxcywh) when it is given."""
+        (normalized cxcywh) when it is given. point_masks=True: instead of the (B, Q, H, W) mask
+        logits, "mask_embed" (B, Q, d) and "mask_features" (the given tensor, not a copy), from
+        which the matcher and the criterion make logits only where they sample them."""
         normed = self.decoder_norm(queries)
         out = {"logits": self.class_embed(normed)}
-        if with_masks:
+        if with_masks and point_masks:
+            out["mask_embed"] = self.mask_embed(normed)
+            out["mask_features"] = mask_features
+        elif with_masks:
             out["masks"] = self.masks(normed, mask_features)
         if reference is not None:
             out["boxes"] = self.refine_boxes(normed, reference)
         return out
+
+
+def masks_from_embeddings(mask_embed: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+    """Mask logits (B, Q, H, W) of mask embeddings (B, Q, d) and mask features (B, d, H, W)."""
+    return torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)

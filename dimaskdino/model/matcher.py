@@ -11,9 +11,15 @@ padded to the largest GT count of the batch, made finite, packed into ONE tensor
 host ONCE (`transfer_to_host`); the Hungarian problems are then solved with scipy, and all the
 resulting indices go back to the device in one copy. No per-image or per-output synchronization.
 
-Extension point: `mask_costs(pred, points, gt_point_values)` is the only place that reads the
-predicted masks; a fused kernel (sample the mask features once at the points, then one GEMM with the
-query embeddings, BCE and dice reductions fused) can replace it behind `match`.
+Mask costs (`mask_costs(pred, points, gt_point_values)`, the only place that reads predicted masks):
+- a prediction with "masks" (B, Q, H, W) logits: bilinear samples of the masks at the points, then
+  the BCE and dice reductions (the reference path);
+- a prediction with "mask_embed" (B, Q, d) and "mask_features" (B, d, H, W) instead (the model's
+  `train_masks="points"` mode): mask logits are linear in the features and so is bilinear sampling,
+  so the features are sampled once per image at its points ((B, d, P), once per distinct features
+  tensor per step: every output of an image shares the points) and `dimaskdino.ops.point_mask_costs`
+  makes the costs from the embeddings with no Q x H x W tensor (its Triton kernel does not even
+  write the Q x P point logits).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
+
+from dimaskdino.ops.mask_loss import point_mask_costs, sample_point_features
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from .point_sample import rand_per_image, point_sample, point_sample_rows
@@ -61,6 +69,12 @@ def box_costs(pred_boxes: torch.Tensor, gt_boxes: torch.Tensor) -> tuple[torch.T
     return l1, -giou
 
 
+def has_mask_prediction(pred: dict) -> bool:
+    """Whether a prediction dict predicts masks: full logits "masks", or "mask_embed" and
+    "mask_features" to be combined at sampled points (see dimaskdino.ops.mask_loss)."""
+    return "masks" in pred or "mask_embed" in pred
+
+
 def mask_costs_from_point_logits(
     point_logits: torch.Tensor, gt_point_values: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +105,7 @@ class HungarianMatcher(nn.Module):
         num_points: int,
         focal_alpha: float,
         focal_gamma: float,
+        impl: str = "auto",
     ):
         super().__init__()
         self.cost_class = cost_class
@@ -101,12 +116,14 @@ class HungarianMatcher(nn.Module):
         self.num_points = num_points
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.impl = impl  # of dimaskdino.ops.point_mask_costs (predictions with "mask_embed")
+        self._point_features: dict | None = None  # per cost_matrices call: sampled features by tensor
 
     def extra_repr(self) -> str:
         return (
             f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}, "
             f"cost_mask={self.cost_mask}, cost_dice={self.cost_dice}, num_points={self.num_points}, "
-            f"focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}"
+            f"focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}, impl={self.impl!r}"
         )
 
     # ------------------------------------------------------------------ costs (on the device)
@@ -119,7 +136,21 @@ class HungarianMatcher(nn.Module):
 
         Takes the whole prediction dict so that a fused replacement can read what it needs instead
         (e.g. query mask embeddings and the mask features: sample the features once at the points,
-        then one GEMM gives every query's point logits without Q x H x W masks)."""
+        then one GEMM gives every query's point logits without Q x H x W masks): a prediction with
+        "mask_embed" (B, Q, d) and "mask_features" (B, d, H, W) takes that path."""
+        if "mask_embed" in pred:
+            features = pred["mask_features"]
+            # Outputs share a few features tensors (original and BATO-updated): sample each once.
+            # 16-bit embeddings (autocast): the sampled features rounded to their dtype, so that the
+            # GEMM runs on tensor cores (the reference's mask logits are 16-bit einsum outputs).
+            embed = pred["mask_embed"]
+            dtype = embed.dtype if embed.dtype in (torch.bfloat16, torch.float16) else None
+            key = (features.data_ptr(), tuple(features.shape), features.stride(), features.dtype, dtype)
+            cache = self._point_features if self._point_features is not None else {}
+            if key not in cache:
+                sampled = sample_point_features(features, points)
+                cache[key] = sampled if dtype is None else sampled.to(dtype)
+            return point_mask_costs(embed, cache[key], gt_point_values, impl=self.impl)
         point_logits = point_sample(pred["masks"], points)  # (B, Q, P) float32
         return mask_costs_from_point_logits(point_logits, gt_point_values)
 
@@ -151,7 +182,7 @@ class HungarianMatcher(nn.Module):
         cost = self.cost_class * focal_class_cost(logits, gt_labels, self.focal_alpha, self.focal_gamma)
         l1, neg_giou = box_costs(boxes, gt_boxes)
         cost = cost + self.cost_bbox * l1 + self.cost_giou * neg_giou
-        if "masks" in pred:
+        if has_mask_prediction(pred):
             bce, dice = self.mask_costs(pred, points, gt_point_values)
             cost = cost + self.cost_mask * bce + self.cost_dice * dice
         # NaN -> worst, +-inf -> +-LARGE_COST, and everything bounded: the solver needs finite costs.
@@ -174,13 +205,17 @@ class HungarianMatcher(nn.Module):
         gt_labels = pad_sequence([t["labels"].to(device).long() for t in targets], batch_first=True)
         gt_boxes = pad_sequence([t["boxes"].to(device).float() for t in targets], batch_first=True, padding_value=0.5)
         points = gt_point_values = None
-        if any("masks" in pred for pred in outputs.values()):
+        if any(has_mask_prediction(pred) for pred in outputs.values()):
             points, gt_point_values = self.sample_gt_points(targets, device, generators)
-        with torch.autocast(device_type=device.type, enabled=False):  # costs in float32
-            return {
-                name: self.cost_matrix(pred, gt_labels, gt_boxes, points, gt_point_values)
-                for name, pred in outputs.items()
-            }
+        self._point_features = {}
+        try:
+            with torch.autocast(device_type=device.type, enabled=False):  # costs in float32
+                return {
+                    name: self.cost_matrix(pred, gt_labels, gt_boxes, points, gt_point_values)
+                    for name, pred in outputs.items()
+                }
+        finally:
+            self._point_features = None
 
     # ------------------------------------------------------------------ solve (on the host)
 
@@ -188,7 +223,8 @@ class HungarianMatcher(nn.Module):
     def match(
         self, outputs: dict[str, dict], targets: list[dict], generators: list[torch.Generator] | None = None
     ) -> dict[str, Matches]:
-        """Hungarian matching of every output in `outputs` (name -> {"logits", "boxes"[, "masks"]})
+        """Hungarian matching of every output in `outputs` (name -> {"logits", "boxes"[, "masks" or
+        "mask_embed" + "mask_features"]})
         against `targets`. Returns name -> per image (pred_idx, gt_idx), int64 on the outputs'
         device, pred_idx ascending. An image without GT gets empty tensors."""
         if not outputs:
