@@ -269,7 +269,7 @@ def bench_bato(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from dimaskdino.ops import bato_attention, bato_attention_ref
-    from dimaskdino.ops.bato_attention import triton_status
+    from dimaskdino.ops._triton import triton_status
 
     gpu = device.type == "cuda"
     shape = dict(name="bato", batch=2, seq=21_760 if gpu else 1_360, keys=50, heads=8, head_dim=32,
@@ -356,7 +356,7 @@ def bench_topk(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
     and the k outputs; FLOPs: 2*B*S*d*(d + C) with the projection, 2*B*S*d*C without.
     `index_overlap` = fraction of the reference's indices that an implementation also picked."""
     from dimaskdino.ops import topk_select, topk_select_ref
-    from dimaskdino.ops.bato_attention import triton_status
+    from dimaskdino.ops._triton import triton_status
 
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -483,7 +483,7 @@ def bench_mask_loss(device: torch.device, reps: int, peak_gbs: float) -> list[di
     from dimaskdino.model.matcher import HungarianMatcher
     from dimaskdino.model.point_sample import point_sample, uncertainty_points
     from dimaskdino.ops import matched_mask_logits, point_mask_loss
-    from dimaskdino.ops.bato_attention import triton_status
+    from dimaskdino.ops._triton import triton_status
 
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32

@@ -1,5 +1,32 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels are tested in the Triton interpreter. triton.jit decides at
+# decoration time whether a kernel is interpreted, and dimaskdino imports its kernel modules
+# lazily (on first use), so setting the variable here, before any test module runs, is enough. On
+# a GPU machine the same tests run the compiled kernels on CUDA tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def triton_cpu_reason(kernels: str) -> str | None:
+    """None when the kernels of dimaskdino.kernels.<kernels> run in the interpreter here, else why not."""
+    from dimaskdino.ops._triton import triton_status
+
+    status = triton_status(kernels, "cpu")
+    return None if status == "interpreted" else status
+
+
+def triton_devices(kernels: str) -> list:
+    """pytest params "cpu" (the interpreter; skipped with the reason when it cannot run) and
+    "cuda" (gpu marker) for the kernels of dimaskdino.kernels.<kernels>."""
+    reason = triton_cpu_reason(kernels)
+    return [
+        pytest.param("cpu", marks=pytest.mark.skipif(reason is not None, reason=str(reason))),
+        pytest.param("cuda", marks=pytest.mark.gpu),
+    ]
 
 
 def cuda_available() -> bool:

@@ -1,37 +1,19 @@
 """BATO attention: the Triton kernels (under the interpreter on a CPU) against the reference."""
 
 import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
 
+import pytest
 import torch
 
-# triton.jit decides at decoration time whether a kernel is interpreted, and dimaskdino imports
-# its kernel modules lazily, on first use: setting the variable here, before any test runs, is
-# enough even when other test modules imported torch or triton first. Only without a GPU: on a
-# GPU machine the same tests run the compiled kernels on CUDA tensors.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from dimaskdino.ops import bato_attention, bato_attention_ref
+from conftest import triton_cpu_reason, triton_devices
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from dimaskdino.ops import bato_attention, bato_attention_ref  # noqa: E402
-from dimaskdino.ops.bato_attention import triton_status  # noqa: E402
-
-
-def _triton_cpu_reason() -> str | None:
-    status = triton_status("bato_attention", "cpu")
-    return None if status == "interpreted" else status
-
-
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(_triton_cpu_reason() is not None, reason=str(_triton_cpu_reason()))),
-    pytest.param("cuda", marks=pytest.mark.gpu),
-]
+DEVICES = triton_devices("bato_attention")
 
 
 def make_inputs(batch=2, heads=2, seq=37, keys=50, dim=32, dtype=torch.float32, device="cpu"):
@@ -219,7 +201,7 @@ def test_impl_errors_are_clear(monkeypatch):
         bato_attention(**args, impl="cuda")
     # More keys than the kernel keeps on chip: an error under impl="triton" that names k...
     q, k, v = make_inputs(batch=1, heads=1, seq=4, keys=129, dim=8)
-    if _triton_cpu_reason() is None:
+    if triton_cpu_reason("bato_attention") is None:
         with pytest.raises(ValueError, match="argument 'k'"):
             bato_attention(q, k, v, impl="triton")
     # ...and the reference, silently, under auto on a CPU.
@@ -248,7 +230,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from dimaskdino.ops.bato_attention import kernel_module
+from dimaskdino.ops._triton import kernel_module
 
 
 def compile_for_hopper(fn, pointers, floats, constexprs, num_warps, num_stages):

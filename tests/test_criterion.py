@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dimaskdino.model import criterion as criterion_module
 from dimaskdino.model import matcher as matcher_module
-from dimaskdino.model.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, masks_to_boxes
+from dimaskdino.model.box_ops import box_xyxy_to_cxcywh, masks_to_boxes
 from dimaskdino.model.criterion import SetCriterion, build_criterion, denoising_matches, sigmoid_focal_loss_sum
 from dimaskdino.model.matcher import HungarianMatcher
 from dimaskdino.model.point_sample import point_sample

@@ -3,32 +3,24 @@ PyTorch paths against the reference that materializes Q x H x W mask logits; the
 criterion and the model in point-mask mode against their full-mask mode."""
 
 import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
 
+import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
-# triton.jit decides at decoration time whether a kernel is interpreted, and dimaskdino imports
-# its kernel modules lazily, on first use: setting the variable here, before any test runs, is
-# enough even when other test modules imported torch or triton first. Only without a GPU.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch.utils._pytree as pytree  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from dimaskdino.model import criterion as criterion_module  # noqa: E402
-from dimaskdino.model import matcher as matcher_module  # noqa: E402
-from dimaskdino.model.box_ops import box_xyxy_to_cxcywh, masks_to_boxes  # noqa: E402
-from dimaskdino.model.criterion import SetCriterion  # noqa: E402
-from dimaskdino.model.matcher import HungarianMatcher, mask_costs_from_point_logits  # noqa: E402
-from dimaskdino.model.point_sample import point_sample  # noqa: E402
-from dimaskdino.ops import (  # noqa: E402
+from dimaskdino.model import criterion as criterion_module
+from dimaskdino.model import matcher as matcher_module
+from dimaskdino.model.box_ops import box_xyxy_to_cxcywh, masks_to_boxes
+from dimaskdino.model.criterion import SetCriterion
+from dimaskdino.model.matcher import HungarianMatcher, mask_costs_from_point_logits
+from dimaskdino.model.point_sample import point_sample
+from dimaskdino.ops import (
     matched_mask_logits,
     point_mask_costs,
     point_mask_costs_ref,
@@ -36,19 +28,10 @@ from dimaskdino.ops import (  # noqa: E402
     point_mask_loss_ref,
     sample_point_features,
 )
-from dimaskdino.ops.bato_attention import triton_status  # noqa: E402
+from conftest import triton_cpu_reason, triton_devices
 
-
-def _triton_cpu_reason() -> str | None:
-    status = triton_status("mask_loss", "cpu")
-    return None if status == "interpreted" else status
-
-
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(_triton_cpu_reason() is not None, reason=str(_triton_cpu_reason()))),
-    pytest.param("cuda", marks=pytest.mark.gpu),
-]
-needs_triton_cpu = pytest.mark.skipif(_triton_cpu_reason() is not None, reason=str(_triton_cpu_reason()))
+DEVICES = triton_devices("mask_loss")
+needs_triton_cpu = pytest.mark.skipif(triton_cpu_reason("mask_loss") is not None, reason=str(triton_cpu_reason("mask_loss")))
 
 
 def rel_close(got, want, rtol, floor=1e-3):
@@ -549,7 +532,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from dimaskdino.ops.bato_attention import kernel_module
+from dimaskdino.ops._triton import kernel_module
 
 
 def compile_for_hopper(fn, pointers, constexprs, num_warps, num_stages):

@@ -2,34 +2,19 @@
 reference; the indices must be the reference's up to ties."""
 
 import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
 
+import pytest
 import torch
 
-# See tests/test_bato_attention.py: the kernel modules are imported lazily, so this is early enough.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from dimaskdino.ops import class_max_scores, class_max_scores_ref, topk_select, topk_select_ref
+from conftest import triton_devices
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from dimaskdino.ops import class_max_scores, class_max_scores_ref, topk_select, topk_select_ref  # noqa: E402
-from dimaskdino.ops.bato_attention import triton_status  # noqa: E402
-
-
-def _triton_cpu_reason() -> str | None:
-    status = triton_status("topk_select", "cpu")
-    return None if status == "interpreted" else status
-
-
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(_triton_cpu_reason() is not None, reason=str(_triton_cpu_reason()))),
-    pytest.param("cuda", marks=pytest.mark.gpu),
-]
+DEVICES = triton_devices("topk_select")
 
 
 def make_weights(dim, classes, dtype=torch.float32, device="cpu", proj=True, proj_bias=True, class_bias=True):
@@ -253,7 +238,7 @@ def test_kernel_compiles_for_hopper():
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from dimaskdino.ops.bato_attention import kernel_module
+        from dimaskdino.ops._triton import kernel_module
 
         ts = kernel_module("topk_select")
         fn = ts.class_max_scores_kernel

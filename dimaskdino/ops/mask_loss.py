@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
-from dimaskdino.ops.bato_attention import (
+from dimaskdino.ops._triton import (
     IMPLS,
     cdiv,
     check_direct_call,
