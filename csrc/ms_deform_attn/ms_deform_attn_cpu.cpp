@@ -14,41 +14,10 @@
 #include <vector>
 
 #include "common/check.h"
+#include "ms_deform_attn/ms_deform_attn_checks.h"
 
 namespace dimaskdino {
 namespace {
-
-struct Sizes {
-  int64_t batch, num_value, num_heads, channels, num_levels, num_query, num_points;
-};
-
-// Checks what the Python wrapper already validated, for callers of torch.ops.dimaskdino.* directly.
-Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                   const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                   const at::Tensor& attention_weights) {
-  DIMASKDINO_CHECK_ARG(value.dim() == 4, "value", "expected (B, S, H, D), got ", value.sizes());
-  DIMASKDINO_CHECK_ARG(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2 &&
-                           spatial_shapes.scalar_type() == at::kLong,
-                       "spatial_shapes", "expected int64 (L, 2), got ",
-                       spatial_shapes.scalar_type(), " ", spatial_shapes.sizes());
-  const int64_t L = spatial_shapes.size(0);
-  DIMASKDINO_CHECK_ARG(level_start_index.dim() == 1 && level_start_index.size(0) == L &&
-                           level_start_index.scalar_type() == at::kLong,
-                       "level_start_index", "expected int64 (L,) with L = ", L);
-  DIMASKDINO_CHECK_ARG(sampling_locations.dim() == 6 && sampling_locations.size(0) == value.size(0) &&
-                           sampling_locations.size(2) == value.size(2) &&
-                           sampling_locations.size(3) == L && sampling_locations.size(5) == 2,
-                       "sampling_locations", "expected (B, Q, H, L, P, 2) matching value ",
-                       value.sizes(), ", got ", sampling_locations.sizes());
-  DIMASKDINO_CHECK_ARG(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
-                       "attention_weights", "expected ", sampling_locations.sizes().slice(0, 5),
-                       ", got ", attention_weights.sizes());
-  DIMASKDINO_CHECK_ARG(sampling_locations.scalar_type() == attention_weights.scalar_type(),
-                       "attention_weights", "dtype ", attention_weights.scalar_type(),
-                       " differs from sampling_locations' ", sampling_locations.scalar_type());
-  return {value.size(0), value.size(1), value.size(2), value.size(3),
-          L, sampling_locations.size(1), sampling_locations.size(4)};
-}
 
 // The four bilinear corners of one sampling point; invalid (outside) corners have weight 0 and are
 // skipped, which is grid_sample's zero padding.
@@ -93,7 +62,7 @@ inline bool make_corners(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width
 }
 
 template <typename scalar_t, typename acc_t>
-void forward_kernel(const Sizes& n, const scalar_t* value, const int64_t* shapes,
+void forward_kernel(const MsdaSizes& n, const scalar_t* value, const int64_t* shapes,
                     const int64_t* starts, const acc_t* loc, const acc_t* weight, scalar_t* out) {
   const int64_t H = n.num_heads, D = n.channels, L = n.num_levels, P = n.num_points;
   const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, H * L * P));
@@ -128,7 +97,7 @@ void forward_kernel(const Sizes& n, const scalar_t* value, const int64_t* shapes
 }
 
 template <typename scalar_t, typename acc_t>
-void backward_kernel(const Sizes& n, const scalar_t* grad_out, const scalar_t* value,
+void backward_kernel(const MsdaSizes& n, const scalar_t* grad_out, const scalar_t* value,
                      const int64_t* shapes, const int64_t* starts, const acc_t* loc,
                      const acc_t* weight, acc_t* grad_value, acc_t* grad_loc, acc_t* grad_weight) {
   const int64_t H = n.num_heads, D = n.channels, L = n.num_levels, P = n.num_points;
@@ -197,7 +166,7 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
                          {&attention_weights, "attention_weights"}}) {
     check_cpu(*t, name);
   }
-  const Sizes n = check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+  const MsdaSizes n = check_msda_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                                attention_weights);
   const auto acc_type = accumulate_type(value.scalar_type());
   const auto value_c = value.contiguous();
@@ -223,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& attention_weights) {
   check_cpu(grad_output, "grad_output");
   check_cpu(value, "value");
-  const Sizes n = check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+  const MsdaSizes n = check_msda_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                                attention_weights);
   DIMASKDINO_CHECK_ARG(grad_output.numel() == n.batch * n.num_query * n.num_heads * n.channels,
                        "grad_output", "expected (B, Q, H*D), got ", grad_output.sizes());

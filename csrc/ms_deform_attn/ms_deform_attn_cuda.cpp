@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "common/check.h"
+#include "ms_deform_attn/ms_deform_attn_checks.h"
 #include "ms_deform_attn/cuda/ms_deform_attn_launch.h"
 
 namespace dimaskdino {
@@ -59,37 +60,12 @@ msda::Problem check_inputs(const at::Tensor& value, const at::Tensor& spatial_sh
   check_on_device(sampling_locations, "sampling_locations", device);
   check_on_device(attention_weights, "attention_weights", device);
 
-  DIMASKDINO_CHECK_ARG(value.dim() == 4, "value", "expected (B, S, H, D), got ", value.sizes());
   value_type_of(value);
-  DIMASKDINO_CHECK_ARG(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2 &&
-                           spatial_shapes.scalar_type() == at::kLong,
-                       "spatial_shapes", "expected int64 (L, 2), got ",
-                       spatial_shapes.scalar_type(), " ", spatial_shapes.sizes());
-  const int64_t L = spatial_shapes.size(0);
-  DIMASKDINO_CHECK_ARG(level_start_index.dim() == 1 && level_start_index.size(0) == L &&
-                           level_start_index.scalar_type() == at::kLong,
-                       "level_start_index", "expected int64 (L,) with L = ", L, ", got ",
-                       level_start_index.scalar_type(), " ", level_start_index.sizes());
-  DIMASKDINO_CHECK_ARG(
-      sampling_locations.dim() == 6 && sampling_locations.size(0) == value.size(0) &&
-          sampling_locations.size(2) == value.size(2) && sampling_locations.size(3) == L &&
-          sampling_locations.size(5) == 2,
-      "sampling_locations", "expected (B, Q, H, L, P, 2) matching value ", value.sizes(),
-      " and L = ", L, ", got ", sampling_locations.sizes());
-  DIMASKDINO_CHECK_ARG(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
-                       "attention_weights", "expected ", sampling_locations.sizes().slice(0, 5),
-                       ", got ", attention_weights.sizes());
-  DIMASKDINO_CHECK_ARG(sampling_locations.scalar_type() == attention_weights.scalar_type(),
-                       "attention_weights", "dtype ", attention_weights.scalar_type(),
-                       " differs from sampling_locations' ", sampling_locations.scalar_type());
-  const auto loc_type = sampling_locations.scalar_type();
-  DIMASKDINO_CHECK_ARG(loc_type == at::kFloat || loc_type == value.scalar_type(),
-                       "sampling_locations", "expected float32 or value's dtype ",
-                       value.scalar_type(), ", got ", loc_type);
-
-  const msda::Problem problem{value.size(0), value.size(1), value.size(2), value.size(3),
-                              L,             sampling_locations.size(1),
-                              sampling_locations.size(4)};
+  const MsdaSizes sizes = check_msda_inputs(value, spatial_shapes, level_start_index,
+                                            sampling_locations, attention_weights);
+  const int64_t L = sizes.num_levels;
+  const msda::Problem problem{sizes.batch,      sizes.num_value, sizes.num_heads, sizes.channels,
+                              sizes.num_levels, sizes.num_query, sizes.num_points};
   DIMASKDINO_CHECK_ARG(L <= kMaxLevels, "spatial_shapes", "the CUDA op supports at most ",
                        kMaxLevels, " levels, got ", L);
   DIMASKDINO_CHECK_ARG(problem.num_value <= INT_MAX, "value", "at most ", INT_MAX,
