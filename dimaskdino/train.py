@@ -172,10 +172,14 @@ class RunLog:
             self.tensorboard = SummaryWriter(str(output_dir / "tb"))
         except ImportError as error:
             logger.warning("TensorBoard logging is off: %s", error)
-        from tqdm import tqdm
+        self.total_steps = total_steps
+        self.started = time.time()
+        self.start_step = start_step
+        if sys.stdout.isatty():
+            from tqdm import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stdout,
-                        mininterval=1.0)
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stdout,
+                            mininterval=1.0)
 
     def step(self, step: int, record: dict) -> None:
         if not self.enabled:
@@ -186,7 +190,13 @@ class RunLog:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.tensorboard.add_scalar(key, value, step)
-        self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{record['img_per_s']:.1f}")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{record['img_per_s']:.1f}")
+        else:  # a log file, not a terminal: one plain line per record instead of a redrawn bar
+            done = step - self.start_step
+            eta = (time.time() - self.started) / max(done, 1) * (self.total_steps - step)
+            logger.info("step %d/%d  loss %.3f  lr %.2e  %.1f img/s  ETA %s", step, self.total_steps, record["loss"],
+                        record["lr"], record["img_per_s"], time.strftime("%H:%M:%S", time.gmtime(eta)))
 
     def advance(self) -> None:
         if self.bar is not None:
