@@ -245,7 +245,7 @@ def _demo() -> Config:
     return _edit(
         _dimaskdino_r50_12ep(),
         **{
-            "model.num_classes": 6,  # the synthetic dataset's; training follows the json anyway
+            "model.num_classes": 10,  # training sets it from the dataset json (6 for the synthetic one)
             "model.hidden_dim": 64,
             "model.num_queries": 50,
             "model.backbone.depth": 18,
