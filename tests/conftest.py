@@ -11,6 +11,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def record_host_syncs(monkeypatch) -> list[str]:
+    """Records every call of a Tensor method that would synchronize a GPU with the host."""
+    calls = []
+    for method in ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, method)
+
+        def recorder(self, *args, _method=method, _real=real, **kwargs):
+            calls.append(_method)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, recorder)
+    return calls
+
+
 def triton_cpu_reason(kernels: str) -> str | None:
     """None when the kernels of dimaskdino.kernels.<kernels> run in the interpreter here, else why not."""
     from dimaskdino.ops._triton import triton_status

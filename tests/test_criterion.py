@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import record_host_syncs
 from dimaskdino.model import criterion as criterion_module
 from dimaskdino.model import matcher as matcher_module
 from dimaskdino.model.box_ops import box_xyxy_to_cxcywh, masks_to_boxes
@@ -88,20 +89,6 @@ def focal_by_hand(logits, onehot, alpha=0.25, gamma=2.0):
     pos = -alpha * (1 - p) ** gamma * torch.log(p)
     neg = -(1 - alpha) * p**gamma * torch.log(1 - p)
     return torch.where(onehot.bool(), pos, neg).sum()
-
-
-def record_host_syncs(monkeypatch) -> list[str]:
-    """Records every call of a Tensor method that would synchronize a GPU with the host."""
-    calls = []
-    for method in ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__index__"):
-        real = getattr(torch.Tensor, method)
-
-        def recorder(self, *args, _method=method, _real=real, **kwargs):
-            calls.append(_method)
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, method, recorder)
-    return calls
 
 
 # ---------------------------------------------------------------------------- values

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import record_host_syncs
 from dimaskdino.model import matcher as matcher_module
 from dimaskdino.model.box_ops import (
     box_cxcywh_to_xyxy,
@@ -60,20 +61,6 @@ def perfect_prediction(target, num_queries, query_of_gt):
 def batch_prediction(targets, num_queries, queries_of_gt):
     parts = [perfect_prediction(t, num_queries, q) for t, q in zip(targets, queries_of_gt)]
     return {key: torch.stack([p[i] for p in parts]) for i, key in enumerate(("logits", "boxes", "masks"))}
-
-
-def record_host_syncs(monkeypatch) -> list[str]:
-    """Records every call of a Tensor method that would synchronize a GPU with the host."""
-    calls = []
-    for method in ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__index__"):
-        real = getattr(torch.Tensor, method)
-
-        def recorder(self, *args, _method=method, _real=real, **kwargs):
-            calls.append(_method)
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, method, recorder)
-    return calls
 
 
 # ---------------------------------------------------------------------------- box ops
