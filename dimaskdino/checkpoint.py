@@ -10,6 +10,7 @@ world size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -80,8 +81,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"no checkpoint at {path} (expected a step_XXXXXXXX folder with {META_FILE}, or a folder containing them)")
 
 
-def save_checkpoint(directory: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any], keep: int = 2) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
+def save_checkpoint(directory: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any], keep: int = 2, extra: dict[str, Any] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final folder. extra: further training state
+    (tensors, the same on every rank, e.g. the inter-scene queue) saved with the weights."""
     directory = Path(directory)
     final = directory / f"step_{step:08d}"
     staging = directory / f"step_{step:08d}.tmp"
@@ -90,7 +92,10 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: torch.nn.Mod
         shutil.rmtree(staging, ignore_errors=True)  # left over from a crash
     barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(staging))
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if extra:
+        state["extra"] = extra
+    dcp.save(state, checkpoint_id=str(staging))
     barrier()
     if _is_main():
         _write_json_durably(staging / META_FILE, dict(meta, step=step))
@@ -109,6 +114,15 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     path = resolve_checkpoint(path)
     with open(path / META_FILE) as f:
         return json.load(f)
+
+
+def load_checkpoint_extra(path: str | os.PathLike, extra: dict[str, Any]) -> None:
+    """Loads the `extra` state of save_checkpoint in place (tensors of the shapes saved)."""
+    path = resolve_checkpoint(path)
+    try:
+        dcp.load({"extra": extra}, checkpoint_id=str(path))
+    except Exception as error:  # e.g. a checkpoint saved with the switch off, or another queue size
+        raise ValueError(f"checkpoint {path}: cannot restore its {', '.join(extra)} state: {error}") from error
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
@@ -136,6 +150,10 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     cfg = config_from_dict(meta["config"])
+    # The training-only extras (hybrid heads, instance-unique querying) are not built: inference
+    # never runs them, and loading a subset of the saved weights is what DCP does anyway.
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, hybrid_heads=(), hybrid_masks=False, inter_scene=False, equivariance=False))
     model = build_model(cfg)
     state = {"model": get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))}
     dcp.load(state, checkpoint_id=str(path))

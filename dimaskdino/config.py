@@ -157,6 +157,28 @@ class TrainConfig:
     eval_batch_size: int = 4
     num_picture_images: int = 4  # val images in predictions.png
     deterministic: bool = False  # torch.use_deterministic_algorithms (exact resume tests)
+    # Extra training methods (SPEC section 6): training only, off by default, no inference cost.
+    # Co-DETR collaborative hybrid assignment: one-to-many auxiliary heads ("atss", "rcnn") on the
+    # encoder pyramid; their positive boxes become extra query groups through the shared decoder
+    # with fixed targets. Loss keys "hybrid/<head>/..." (the heads) and "hybrid/<head>/dec<i>/..."
+    # (their queries in each decoder layer).
+    hybrid_heads: tuple[str, ...] = ()
+    hybrid_masks: bool = False  # the positive queries also get mask losses (beyond the paper: box-only)
+    hybrid_max_positives: int = 300  # per head and image; padded with negatives
+    hybrid_aux_weight: float = 2.0  # the auxiliary heads' losses
+    hybrid_query_weight: float = 1.0  # the positive queries' losses, per decoder layer
+    # Instance-unique querying (arXiv 2210.00911). inter_scene: every query's mask logits on a queue
+    # of pixel embeddings from other images' instances are pushed to 0 (focal), key
+    # "inter_scene/focal". equivariance: a second view (flip + crop) of each image, trained with
+    # the usual losses ("equi/<output>/<term>") plus feature equivariance ("equi/features").
+    inter_scene: bool = False
+    inter_scene_queue_size: int = 100_000  # entries (all processes' samples)
+    inter_scene_pixels_per_instance: int = 50
+    inter_scene_max_instances: int = 32  # instance slots sampled per image and step
+    inter_scene_weight: float = 5.0  # as mask_bce_weight: it is a BCE-type term on foreign pixels
+    equivariance: bool = False
+    equivariance_weight: float = 3.0  # of "equi/features"
+    equivariance_min_scale: float = 0.5  # crop side of the second view, as a fraction
 
 
 @dataclass
@@ -468,5 +490,18 @@ def validate(cfg: Config) -> None:
         errors.append(f"model.train_masks must be 'auto', 'full' or 'points', got '{model.train_masks}'")
     if model.size_divisibility < 1:
         errors.append("model.size_divisibility must be >= 1")
+    train = cfg.train
+    unknown_heads = [h for h in train.hybrid_heads if h not in ("atss", "rcnn")]
+    if unknown_heads or len(set(train.hybrid_heads)) != len(train.hybrid_heads):
+        errors.append(f"train.hybrid_heads must be distinct names from (atss, rcnn), got {','.join(train.hybrid_heads)}")
+    if train.hybrid_masks and not train.hybrid_heads:
+        errors.append("train.hybrid_masks needs train.hybrid_heads (e.g. train.hybrid_heads=atss,rcnn)")
+    if train.hybrid_max_positives < 1:
+        errors.append(f"train.hybrid_max_positives must be >= 1, got {train.hybrid_max_positives}")
+    for name in ("inter_scene_queue_size", "inter_scene_pixels_per_instance", "inter_scene_max_instances"):
+        if getattr(train, name) < 1:
+            errors.append(f"train.{name} must be >= 1, got {getattr(train, name)}")
+    if not 0.0 < train.equivariance_min_scale <= 1.0:
+        errors.append(f"train.equivariance_min_scale must be in (0, 1], got {train.equivariance_min_scale}")
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))

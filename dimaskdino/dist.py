@@ -65,6 +65,19 @@ def all_reduce_max_int(value: int, device: torch.device) -> int:
     return int(tensor.item())
 
 
+def mean_over_processes(value, device: torch.device, minimum: float = 1.0):
+    """A loss normalizer (a count or sum: a Python number, or a tensor without gradient) averaged
+    over all processes, at least `minimum`: a loss term is then sum / global mean, whose mean
+    over processes is the 1-process value. Not distributed: a float (or the tensor), no sync."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = torch.as_tensor(value, dtype=torch.float32, device=device).detach().clone()
+        dist.all_reduce(tensor)
+        return (tensor / dist.get_world_size()).clamp(min=minimum)
+    if isinstance(value, torch.Tensor):
+        return value.detach().clamp(min=minimum)
+    return max(float(value), minimum)
+
+
 def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
     """Means over processes of scalar tensors, in one collective and one host transfer."""
     if not values:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from dimaskdino import dist as distributed
-from dimaskdino.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from dimaskdino.checkpoint import latest_checkpoint, load_checkpoint, load_checkpoint_extra, resolve_checkpoint, save_checkpoint
 from dimaskdino.config import PRESETS, Config, apply_overrides, config_to_dict, get_preset
 
 logger = logging.getLogger("dimaskdino.train")
@@ -132,13 +132,15 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def batch_generators(seed: int, step: int, image_ids: list[int], device: torch.device) -> list[torch.Generator]:
+def batch_generators(seed: int, step: int, image_ids: list[int], device: torch.device, view: int = 0) -> list[torch.Generator]:
     """One generator per image, seeded by (seed, step, image id): a step's random draws do not
-    depend on how the batch is split over processes or where a run resumed."""
+    depend on how the batch is split over processes or where a run resumed. view 1: the second
+    view of instance-unique querying's equivariance (its own stream)."""
     generators = []
     for image_id in image_ids:
         g = torch.Generator(device=device)
-        g.manual_seed(hash((seed, step, int(image_id))) & 0x7FFF_FFFF_FFFF_FFFF)
+        key = (seed, step, int(image_id)) if view == 0 else (seed, step, int(image_id), view)
+        g.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
         generators.append(g)
     return generators
 
@@ -231,6 +233,7 @@ def train(cfg: Config) -> dict:
     from dimaskdino.evaluate import evaluate_model
     from dimaskdino.model import build_model
     from dimaskdino.model.criterion import build_criterion
+    from dimaskdino.training_methods import equivariance_losses
 
     info = distributed.init_distributed(cfg.train.device)
     setup_logging(info.is_main)
@@ -259,6 +262,15 @@ def train(cfg: Config) -> dict:
     model = build_model(cfg).to(info.device)
     model = shard_model(model, info.device)
     criterion = build_criterion(cfg)
+    inter_scene = None
+    if cfg.train.inter_scene:
+        from dimaskdino.training_methods import InterSceneTerm
+
+        inter_scene = InterSceneTerm(
+            cfg.train.inter_scene_queue_size, cfg.model.hidden_dim, cfg.train.inter_scene_pixels_per_instance,
+            cfg.train.inter_scene_max_instances, cfg.train.inter_scene_weight, cfg.loss.focal_alpha, cfg.loss.focal_gamma,
+            info.device,
+        )
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_mult), lr=cfg.train.lr,
         weight_decay=cfg.train.weight_decay,
@@ -277,6 +289,10 @@ def train(cfg: Config) -> dict:
         resume_from = resolve_checkpoint(cfg.train.resume)
     if resume_from is not None:
         meta = load_checkpoint(resume_from, model, optimizer)
+        if inter_scene is not None:
+            extra = {"inter_scene": inter_scene.state_dict()}
+            load_checkpoint_extra(resume_from, extra)
+            inter_scene.load_state_dict(extra["inter_scene"])
         step, start_epoch, start_batch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
         logger.info("resumed from %s (step %d, saved by %d processes, now %d)", resume_from, step, meta["world_size"], info.world_size)
 
@@ -287,6 +303,10 @@ def train(cfg: Config) -> dict:
         train_set, batch_size=local_batch, image_size=cfg.data.image_size, min_scale=cfg.data.min_scale,
         max_scale=cfg.data.max_scale, seed=cfg.train.seed, start_epoch=start_epoch, start_batch=start_batch, **loader_args,
     )
+    if cfg.train.equivariance:
+        from dimaskdino.data.second_view import SecondViewLoader
+
+        train_loader = SecondViewLoader(train_loader, seed=cfg.train.seed, min_scale=cfg.train.equivariance_min_scale)
     val_loader = build_eval_loader(
         val_set, batch_size=cfg.train.eval_batch_size, short_side=cfg.data.test_short_side,
         max_size=cfg.data.test_max_size, size_divisibility=cfg.model.size_divisibility, **loader_args,
@@ -312,7 +332,8 @@ def train(cfg: Config) -> dict:
     def save(epoch: int, batch_in_epoch: int) -> None:
         meta = dict(epoch=epoch, batch_in_epoch=batch_in_epoch, world_size=info.world_size, config=config_to_dict(cfg),
                     categories=categories.state_dict(), time=time.time())
-        path = save_checkpoint(checkpoint_dir, step, model, optimizer, meta, keep=cfg.train.keep_checkpoints)
+        extra = {"inter_scene": inter_scene.state_dict()} if inter_scene is not None else None
+        path = save_checkpoint(checkpoint_dir, step, model, optimizer, meta, keep=cfg.train.keep_checkpoints, extra=extra)
         run_log.event(step, {"checkpoint": str(path)})
 
     metrics: dict = {}
@@ -329,7 +350,22 @@ def train(cfg: Config) -> dict:
             dn_max_gt = distributed.all_reduce_max_int(max((len(t["labels"]) for t in batch["targets"]), default=0), info.device)
             with autocast:
                 outputs = model(images, targets, batch["image_sizes"], generators=generators, dn_max_gt=dn_max_gt)
+                if cfg.train.equivariance:
+                    second_view = dict(batch["second_view"])
+                    second_view["images"] = second_view["images"].to(info.device, non_blocking=True)
+                    second_view["targets"] = move_targets(second_view["targets"], info.device)
+                    second_generators = batch_generators(
+                        cfg.train.seed, step, [t["image_id"] for t in batch["targets"]], info.device, view=1)
+                    # The second view's GT are a subset of the first's: dn_max_gt still bounds them.
+                    second_outputs = model(second_view["images"], second_view["targets"], second_view["image_sizes"],
+                                           generators=second_generators, dn_max_gt=dn_max_gt, auxiliary=False)
             losses = criterion(outputs, targets, generators=generators)
+            final_key = f"dec{cfg.model.decoder.num_layers - 1}"
+            if inter_scene is not None:
+                losses.update(inter_scene(outputs[final_key], targets, generators))
+            if cfg.train.equivariance:
+                losses.update(equivariance_losses(criterion, outputs, second_outputs, second_view, final_key,
+                                                  cfg.train.equivariance_weight, second_generators))
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

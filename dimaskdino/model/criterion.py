@@ -19,6 +19,11 @@ never for the TI outputs).
   denoising terms are divided by num_boxes x num_groups, since every GT appears once per group
   (as the authors do), so a denoising term is per GT copy like the matched ones.
 
+With Co-DETR's hybrid assignment on (the model's "hybrid" output), the auxiliary heads' own losses
+are added as they come ("hybrid/atss/...", "hybrid/rpn/...", "hybrid/rcnn/...") and each head's
+positive queries get the terms above in every decoder layer ("hybrid/<head>/dec<i>/<term>")
+against their fixed one-to-many targets, normalized by the head's positive count.
+
 All non-denoising outputs are matched in ONE `matcher.match` call (one device-to-host transfer per
 step); denoising query g * single_pad + i is paired with GT i without matching.
 """
@@ -26,9 +31,10 @@ step); denoising query g * single_pad + i is paired with GT i without matching.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from dimaskdino.dist import mean_over_processes
 
 from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from dimaskdino.ops.mask_loss import matched_mask_logits, point_mask_loss
@@ -80,15 +86,27 @@ def float_gt_masks(targets: list[dict], device) -> list[torch.Tensor]:
     return [t["masks"].to(device)[:, None].float() for t in targets]
 
 
+def _copy_rank(gt_idx: torch.Tensor, num_gt: int) -> tuple[torch.Tensor, int]:
+    """For pairs that may share a GT (one-to-many assignment): each pair's rank among the pairs of
+    its GT, and the largest number of pairs of one GT (one host sync)."""
+    counts = torch.bincount(gt_idx, minlength=num_gt)
+    order = torch.sort(gt_idx, stable=True).indices
+    first_of_gt = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(gt_idx)
+    rank[order] = torch.arange(gt_idx.shape[0], device=gt_idx.device) - first_of_gt[gt_idx[order]]
+    return rank, int(counts.max())
+
+
 @torch.no_grad()
 def gt_point_values(
-    gt_masks: list[torch.Tensor], matches: Matches, points: torch.Tensor, copies_per_gt: int
+    gt_masks: list[torch.Tensor], matches: Matches, points: torch.Tensor, copies_per_gt: int | None
 ) -> torch.Tensor:
     """Values (R, P) of the matched GT masks at each pair's points (R, P, 2), pairs ordered by image.
 
     One grid_sample per image with the GT masks as the batch, no per-pair copy of a mask: a GT row
     carries the points of every pair that uses that GT. Hungarian pairs use each GT at most once
-    (copies_per_gt = 1); denoising pair g * n + i uses GT i (copies_per_gt = num_groups).
+    (copies_per_gt = 1); denoising pair g * n + i uses GT i (copies_per_gt = num_groups);
+    copies_per_gt=None: any number of pairs per GT (the hybrid heads' one-to-many positives).
     """
     num_points = points.shape[1]
     values, start = [], 0
@@ -102,6 +120,12 @@ def gt_point_values(
         if copies_per_gt == 1:
             grid = image_points.new_zeros(num_gt, num_points, 2).index_copy_(0, gt_idx, image_points)
             values.append(point_sample(masks, grid)[:, 0][gt_idx])
+        elif copies_per_gt is None:
+            rank, max_copies = _copy_rank(gt_idx, num_gt)
+            grid = image_points.new_zeros(num_gt, max_copies, num_points, 2)
+            grid[gt_idx, rank] = image_points
+            sampled = point_sample(masks, grid.reshape(num_gt, max_copies * num_points, 2))[:, 0]
+            values.append(sampled.reshape(num_gt, max_copies, num_points)[gt_idx, rank])
         else:
             grid = image_points.reshape(copies_per_gt, num_gt, num_points, 2).transpose(0, 1)
             sampled = point_sample(masks, grid.reshape(num_gt, copies_per_gt * num_points, 2))[:, 0]
@@ -125,6 +149,7 @@ class SetCriterion(nn.Module):
         focal_alpha: float,
         focal_gamma: float,
         impl: str = "auto",
+        hybrid_query_weight: float = 1.0,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -140,6 +165,7 @@ class SetCriterion(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.impl = impl  # of dimaskdino.ops.point_mask_loss
+        self.hybrid_query_weight = hybrid_query_weight  # per decoder layer, the hybrid positive queries
         # Matches of the last call, for logging (e.g. matched mask IoU of the final output).
         self.last_matches: dict[str, Matches] = {}
         self.final_output_name: str | None = None
@@ -165,12 +191,12 @@ class SetCriterion(nn.Module):
     def average_num_boxes(targets: list[dict], device) -> torch.Tensor | float:
         """GT count of the batch averaged over all processes, at least 1 (a float when not
         distributed, so no device tensor and no synchronization is needed)."""
-        total = float(sum(int(t["labels"].shape[0]) for t in targets))
-        if dist.is_available() and dist.is_initialized():
-            count = torch.tensor(total, device=device)
-            dist.all_reduce(count)
-            return (count / dist.get_world_size()).clamp(min=1.0)
-        return max(total, 1.0)
+        return SetCriterion.average_count(sum(int(t["labels"].shape[0]) for t in targets), device)
+
+    @staticmethod
+    def average_count(count: int, device) -> torch.Tensor | float:
+        """A per-process count averaged over all processes, at least 1."""
+        return mean_over_processes(count, device, minimum=1.0)
 
     # ------------------------------------------------------------------ per-output losses
 
@@ -252,8 +278,13 @@ class SetCriterion(nn.Module):
         self.final_output_name = decoder_names[-1] if decoder_names else None
 
         dn = outputs.get("dn")
-        needs_masks = any(has_mask_prediction(pred) for pred in matched_outputs.values()) or (
-            dn is not None and any(is_prediction(pred) and has_mask_prediction(pred) for pred in dn.values())
+        hybrid = outputs.get("hybrid")
+        needs_masks = (
+            any(has_mask_prediction(pred) for pred in matched_outputs.values())
+            or (dn is not None and any(is_prediction(pred) and has_mask_prediction(pred) for pred in dn.values()))
+            or (hybrid is not None and any(
+                is_prediction(pred) and has_mask_prediction(pred) for group in hybrid["groups"].values() for pred in group.values()
+            ))
         )
         gt_masks = float_gt_masks(targets, device) if needs_masks else None
 
@@ -278,6 +309,23 @@ class SetCriterion(nn.Module):
                 losses.update(self.output_losses(
                     f"dn/{name}", pred, targets, gt_masks, dn_matches, num_groups, num_boxes * num_groups, generators
                 ))
+        if hybrid is not None:
+            losses.update(self.hybrid_losses(hybrid, targets, gt_masks, device, generators))
+        return losses
+
+    def hybrid_losses(self, hybrid: dict, targets, gt_masks, device, generators) -> dict[str, torch.Tensor]:
+        """Co-DETR: the auxiliary heads' own (already weighted) losses, and for each head's positive
+        queries in every decoder layer the usual terms against their fixed one-to-many targets
+        (no matching), normalized by that head's positive count, weighted hybrid_query_weight."""
+        losses = dict(hybrid["losses"])
+        for head, group in hybrid["groups"].items():
+            matches = group["matches"]
+            num_positives = self.average_count(sum(int(q.shape[0]) for q, _ in matches), device)
+            for name, pred in group.items():
+                if not is_prediction(pred):
+                    continue
+                terms = self.output_losses(f"hybrid/{head}/{name}", pred, targets, gt_masks, matches, None, num_positives, generators)
+                losses.update({key: self.hybrid_query_weight * value for key, value in terms.items()})
         return losses
 
 
@@ -313,4 +361,5 @@ def build_criterion(cfg) -> SetCriterion:
         focal_alpha=loss.focal_alpha,
         focal_gamma=loss.focal_gamma,
         impl=cfg.impl,
+        hybrid_query_weight=cfg.train.hybrid_query_weight,
     )

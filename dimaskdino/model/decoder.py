@@ -51,6 +51,7 @@ class DecoderOutput:
     hidden: list[torch.Tensor]  # per layer, the raw layer output (B, T, d)
     references: list[torch.Tensor]  # per layer, the undetached reference that layer started from
     updated_mask_features: torch.Tensor | None  # BATO's mask features for outputs 1..N-1
+    bato_memory: torch.Tensor | None  # the memory BATO made for layers 1..N-1 (None without BATO)
 
 
 class Decoder(nn.Module):
@@ -85,16 +86,23 @@ class Decoder(nn.Module):
         heads: PredictionHeads,
         self_attn_blocked: torch.Tensor | None,
         num_denoising: int,
+        bato_memory: torch.Tensor | None = None,
     ) -> DecoderOutput:
         """queries (B, T, d) and reference_boxes (B, T, 4) normalized cxcywh, with the denoising
-        queries first (`num_denoising` of them) and the matching queries after."""
+        queries first (`num_denoising` of them) and the matching queries after.
+
+        bato_memory: layers 1..N-1 read this memory instead of running BATO on these queries'
+        layer-0 outputs. The hybrid-assignment queries pass the main pass's, so that they see the
+        same features as the matching queries (BATO is guided by the matching queries only)."""
         memory = features.memory
         updated_mask_features = None
         hidden, references = [], []
         loss_reference = reference_boxes  # layer 0 starts from the undetached input boxes
         for layer_index, layer in enumerate(self.layers):
             query_position = self.ref_point_head(box_sine_embedding(reference_boxes, self.hidden_dim // 2))
-            if layer_index == 1 and self.bato is not None:
+            if layer_index == 1 and bato_memory is not None:
+                memory = bato_memory
+            elif layer_index == 1 and self.bato is not None:
                 # Q_bal = layer 0's matching outputs; box guiding tokens = positional queries of
                 # their layer-0-refined boxes, i.e. this layer's query positions.
                 memory = self.bato(
@@ -115,4 +123,7 @@ class Decoder(nn.Module):
             # ("look forward twice").
             loss_reference = heads.refine_boxes(queries, reference_boxes)
             reference_boxes = loss_reference.detach()
-        return DecoderOutput(hidden=hidden, references=references, updated_mask_features=updated_mask_features)
+        return DecoderOutput(
+            hidden=hidden, references=references, updated_mask_features=updated_mask_features,
+            bato_memory=memory if self.bato is not None and len(self.layers) > 1 else None,
+        )

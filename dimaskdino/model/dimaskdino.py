@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dimaskdino.model.backbone import ResNet, build_backbone
-from dimaskdino.model.decoder import Decoder
+from dimaskdino.model.decoder import Decoder, DecoderOutput
 from dimaskdino.model.denoising import DenoisingGenerator
 from dimaskdino.model.di import BalanceAwareTokenOptimization, TokenInteraction
 from dimaskdino.model.heads import PredictionHeads, masks_from_embeddings
@@ -42,6 +42,9 @@ class DIMaskDINO(nn.Module):
         pixel_std: tuple[float, ...] = (58.395, 57.12, 57.375),
         size_divisibility: int = 32,
         train_masks: str = "auto",
+        hybrid: nn.Module | None = None,
+        hybrid_masks: bool = False,
+        expose_embeddings: bool = False,
     ):
         super().__init__()
         if train_masks not in TRAIN_MASKS:
@@ -62,6 +65,13 @@ class DIMaskDINO(nn.Module):
         # features: the matcher and criterion make logits only at their points), "auto" (points
         # on a CUDA device, full elsewhere). Evaluation always gets full logits.
         self.train_masks = train_masks
+        # Training-only extras (SPEC section 6); never run in eval mode, so inference is unchanged.
+        # hybrid: Co-DETR's auxiliary heads, whose positive boxes make extra decoder query groups
+        # (output "hybrid"); hybrid_masks: those queries also predict masks. expose_embeddings:
+        # the final output also carries "mask_embed" and "mask_features" (instance-unique querying).
+        self.hybrid = hybrid
+        self.hybrid_masks = hybrid_masks
+        self.expose_embeddings = expose_embeddings
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), False)
 
@@ -74,6 +84,8 @@ class DIMaskDINO(nn.Module):
         units = [self.backbone, *self.pixel_decoder.layers, *self.decoder.layers]
         if self.token_interaction is not None:
             units += list(self.token_interaction.layers)
+        if self.hybrid is not None:
+            units.append(self.hybrid)
         return units
 
     def final_output_key(self) -> str:
@@ -152,6 +164,7 @@ class DIMaskDINO(nn.Module):
         intermediate_masks: bool = True,
         generators: list[torch.Generator] | None = None,
         dn_max_gt: int | None = None,
+        auxiliary: bool = True,
     ) -> dict:
         """images (B, 3, H, W) RGB 0..255, already batched/padded; targets (training only, for
         denoising): per image {"labels" (N,), "boxes" (N, 4) normalized cxcywh of the padded image}.
@@ -169,6 +182,11 @@ class DIMaskDINO(nn.Module):
 
         generators (one per image) and dn_max_gt (the largest GT count per image over all
         processes) make denoising independent of how a global batch is split (see train.py).
+
+        In training with targets and hybrid heads (and auxiliary=True), "hybrid" is
+        {"losses": the auxiliary heads' weighted losses, "groups": {head: {"matches": per image
+        (query_idx, gt_idx), "dec0": ..., "dec{N-1}": ...}}}: each head's positive queries through
+        the decoder (separately from the matching queries, whose outputs are unchanged).
 
         intermediate_masks=False (inference without per-layer evaluation) skips the mask logits
         of "init" and of every decoder layer but the last: at 800x1333 each set is 300 x 200 x 336.
@@ -192,11 +210,11 @@ class DIMaskDINO(nn.Module):
         point_masks = self.uses_point_masks(x.device)
         queries, boxes = self._select_queries(encoded, outputs, point_masks)
 
+        if self.training and targets is not None and needs_rescale:  # GT boxes in the padded frame
+            targets = [{**t, "boxes": t["boxes"].to(x.dtype) / to_input} for t in targets]
         # Denoising queries go first; they never pass through TI.
         denoising = None
         if self.training and targets is not None and self.denoising is not None:
-            if needs_rescale:
-                targets = [{**t, "boxes": t["boxes"].to(x.dtype) / to_input} for t in targets]
             denoising = self.denoising(targets, num_matching=queries.shape[1], generators=generators, max_gt=dn_max_gt)
         num_denoising, blocked = 0, None
         if denoising is not None:
@@ -204,7 +222,7 @@ class DIMaskDINO(nn.Module):
             queries = torch.cat((denoising.content.to(queries.dtype), queries), dim=1)
             boxes = torch.cat((denoising.boxes.to(boxes.dtype), boxes), dim=1)
 
-        predictions = self._decode(queries, boxes, encoded, blocked, num_denoising, intermediate_masks, point_masks)
+        predictions, decoded = self._decode(queries, boxes, encoded, blocked, num_denoising, intermediate_masks, point_masks)
         outputs["dn"] = None
         if denoising is not None:
             outputs["dn"] = {"num_groups": denoising.num_groups, "single_pad": denoising.single_pad}
@@ -224,6 +242,9 @@ class DIMaskDINO(nn.Module):
             # expects every parameter to get a gradient); adds exactly zero.
             final = outputs[self.final_output_key()]
             final["logits"] = final["logits"] + 0.0 * self.denoising.label_enc.weight.sum()
+
+        if self.training and targets is not None and self.hybrid is not None and auxiliary:
+            outputs["hybrid"] = self._decode_hybrid(encoded, decoded, targets, (padded_height, padded_width), generators, point_masks)
 
         if needs_rescale:
             _to_input_frame(outputs, to_input, (math.ceil(height / 4), math.ceil(width / 4)))
@@ -261,7 +282,8 @@ class DIMaskDINO(nn.Module):
         self, queries, boxes, encoded, blocked, num_denoising: int, intermediate_masks: bool, point_masks: bool = False
     ) -> dict:
         """The initial prediction from the decoder's input queries, then every decoder layer's:
-        {"init": ..., "dec0": ..., ...} over all queries (denoising ones included)."""
+        {"init": ..., "dec0": ..., ...} over all queries (denoising ones included); and the
+        decoder's output (BATO's memory and mask features, for the hybrid queries)."""
         heads = self.heads
         initial = heads.predict(queries, encoded.mask_features, with_masks=intermediate_masks, point_masks=point_masks)
         initial["boxes"] = boxes
@@ -269,15 +291,46 @@ class DIMaskDINO(nn.Module):
         decoded = self.decoder(queries, boxes, encoded, heads, blocked, num_denoising)
         last = len(decoded.hidden) - 1
         for index, (hidden, reference) in enumerate(zip(decoded.hidden, decoded.references)):
-            # Outputs after BATO (layers 1..N-1) use the updated mask features.
-            mask_features = encoded.mask_features
-            if index >= 1 and decoded.updated_mask_features is not None:
-                mask_features = decoded.updated_mask_features
             predictions[f"dec{index}"] = heads.predict(
-                hidden, mask_features, reference=reference, with_masks=intermediate_masks or index == last,
+                hidden, _layer_mask_features(index, encoded, decoded), reference=reference,
+                with_masks=intermediate_masks or index == last, point_masks=point_masks,
+                with_embeddings=self.expose_embeddings and self.training and index == last,
+            )
+        return predictions, decoded
+
+    def _decode_hybrid(self, encoded, main: DecoderOutput, targets, padded_hw, generators, point_masks: bool) -> dict:
+        """Co-DETR's customized positive queries: each auxiliary head's positive (and padding
+        negative) boxes as one query group; the groups cannot see each other (nor the matching
+        queries: a separate pass) and read the memory BATO made for the matching queries."""
+        hybrid = self.hybrid(encoded.memory, encoded.shapes, targets, padded_hw, generators)
+        names = list(hybrid.queries)
+        groups = [hybrid.queries[name] for name in names]
+        sizes = [group.content.shape[1] for group in groups]
+        content = torch.cat([group.content for group in groups], dim=1).to(encoded.memory.dtype)
+        boxes = torch.cat([group.boxes for group in groups], dim=1)
+        group_of = torch.repeat_interleave(torch.arange(len(sizes), device=boxes.device), torch.tensor(sizes, device=boxes.device))
+        blocked = group_of[:, None] != group_of[None, :]
+        decoded = self.decoder(content, boxes, encoded, self.heads, blocked, 0, bato_memory=main.bato_memory)
+        out = {"losses": hybrid.losses, "groups": {name: {"matches": group.matches} for name, group in zip(names, groups)}}
+        for index, (hidden, reference) in enumerate(zip(decoded.hidden, decoded.references)):
+            prediction = self.heads.predict(
+                hidden, _layer_mask_features(index, encoded, main), reference=reference, with_masks=self.hybrid_masks,
                 point_masks=point_masks,
             )
-        return predictions
+            start = 0
+            for name, size in zip(names, sizes):
+                out["groups"][name][f"dec{index}"] = {
+                    key: value if key == "mask_features" else value[:, start: start + size] for key, value in prediction.items()
+                }
+                start += size
+        return out
+
+
+def _layer_mask_features(index: int, encoded, decoded: DecoderOutput) -> torch.Tensor:
+    """Outputs after BATO (decoder layers 1..N-1) use the updated mask features."""
+    if index >= 1 and decoded.updated_mask_features is not None:
+        return decoded.updated_mask_features
+    return encoded.mask_features
 
 
 def _to_input_frame(outputs: dict, to_input: torch.Tensor, mask_size: tuple[int, int]) -> None:
@@ -296,6 +349,11 @@ def _to_input_frame(outputs: dict, to_input: torch.Tensor, mask_size: tuple[int,
             if value is not None:
                 for sub_key, sub_value in value.items():
                     if isinstance(sub_value, dict):
+                        convert(sub_value)
+        elif key == "hybrid":
+            for group in value["groups"].values():
+                for sub_key, sub_value in group.items():
+                    if sub_key != "matches":
                         convert(sub_value)
         elif isinstance(value, dict):
             convert(value)
@@ -348,11 +406,21 @@ def build_model(cfg) -> DIMaskDINO:
         denoising = DenoisingGenerator(
             model_cfg.num_classes, hidden, dn.num_queries, dn.label_noise_prob, dn.box_noise_scale
         )
+    token_selection = TokenSelection(hidden, impl)
+    # Built last, so that the switch leaves the initial weights of everything else unchanged.
+    hybrid = None
+    if cfg.train.hybrid_heads:
+        from dimaskdino.model.hybrid import HybridHeads
+
+        hybrid = HybridHeads(
+            hidden, model_cfg.num_classes, pixel_decoder.num_levels, tuple(cfg.train.hybrid_heads),
+            max_positives=cfg.train.hybrid_max_positives, aux_weight=cfg.train.hybrid_aux_weight,
+        )
     return DIMaskDINO(
         backbone=backbone,
         pixel_decoder=pixel_decoder,
         heads=heads,
-        token_selection=TokenSelection(hidden, impl),
+        token_selection=token_selection,
         decoder=decoder,
         token_interaction=token_interaction,
         denoising=denoising,
@@ -363,6 +431,9 @@ def build_model(cfg) -> DIMaskDINO:
         pixel_std=model_cfg.pixel_std,
         size_divisibility=model_cfg.size_divisibility,
         train_masks=model_cfg.train_masks,
+        hybrid=hybrid,
+        hybrid_masks=cfg.train.hybrid_masks,
+        expose_embeddings=cfg.train.inter_scene or cfg.train.equivariance,
     )
 
 

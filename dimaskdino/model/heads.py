@@ -35,16 +35,21 @@ class PredictionHeads(nn.Module):
         reference: torch.Tensor | None = None,
         with_masks: bool = True,
         point_masks: bool = False,
+        with_embeddings: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Class logits and mask logits of the normalized queries; boxes refined from `reference`
         (normalized cxcywh) when it is given. point_masks=True: instead of the (B, Q, H, W) mask
         logits, "mask_embed" (B, Q, d) and "mask_features" (the given tensor, not a copy), from
-        which the matcher and the criterion make logits only where they sample them."""
+        which the matcher and the criterion make logits only where they sample them.
+        with_embeddings=True: "mask_embed" and "mask_features" besides the full "masks" (losses
+        that query pixels other than the image's own: instance-unique querying)."""
         normed = self.decoder_norm(queries)
         out = {"logits": self.class_embed(normed)}
-        if with_masks and point_masks:
+        if with_masks and (point_masks or with_embeddings):
             out["mask_embed"] = self.mask_embed(normed)
             out["mask_features"] = mask_features
+            if not point_masks:
+                out["masks"] = masks_from_embeddings(out["mask_embed"], mask_features)
         elif with_masks:
             out["masks"] = self.masks(normed, mask_features)
         if reference is not None:

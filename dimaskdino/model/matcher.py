@@ -137,8 +137,9 @@ class HungarianMatcher(nn.Module):
         Takes the whole prediction dict so that a fused replacement can read what it needs instead
         (e.g. query mask embeddings and the mask features: sample the features once at the points,
         then one GEMM gives every query's point logits without Q x H x W masks): a prediction with
-        "mask_embed" (B, Q, d) and "mask_features" (B, d, H, W) takes that path."""
-        if "mask_embed" in pred:
+        "mask_embed" (B, Q, d) and "mask_features" (B, d, H, W) and no "masks" takes that path
+        (a prediction with both is matched on its "masks", as without the embeddings)."""
+        if "masks" not in pred:
             features = pred["mask_features"]
             # Outputs share a few features tensors (original and BATO-updated): sample each once.
             # 16-bit embeddings (autocast): the sampled features rounded to their dtype, so that the
