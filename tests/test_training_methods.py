@@ -89,6 +89,19 @@ def test_every_switch_is_off_in_every_preset():
         assert not train.inter_scene and not train.equivariance
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["train.hybrid_heads=atss,fcos"], "train.hybrid_heads"),
+    (["train.hybrid_heads=atss,atss"], "train.hybrid_heads"),
+    (["train.hybrid_masks=true"], "train.hybrid_masks needs train.hybrid_heads"),
+    (["train.hybrid_heads=rcnn", "train.hybrid_max_positives=0"], "train.hybrid_max_positives"),
+    (["train.inter_scene_queue_size=0"], "train.inter_scene_queue_size"),
+    (["train.equivariance_min_scale=1.5"], "train.equivariance_min_scale"),
+])
+def test_bad_switch_settings_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(get_preset("demo"), overrides)
+
+
 @pytest.mark.parametrize("switch", list(SWITCHES))
 def test_switch_leaves_weights_and_outputs_of_the_model_unchanged(switch):
     base, switched = build(), build(*SWITCHES[switch])
