@@ -163,7 +163,9 @@ class TrainConfig:
     # with fixed targets. Loss keys "hybrid/<head>/..." (the heads) and "hybrid/<head>/dec<i>/..."
     # (their queries in each decoder layer).
     hybrid_heads: tuple[str, ...] = ()
-    hybrid_masks: bool = False  # the positive queries also get mask losses (beyond the paper: box-only)
+    # The positive queries also get mask losses (beyond the paper, which is box-only). Experimental:
+    # it lowered AP in the README's demo-scale comparison.
+    hybrid_masks: bool = False
     hybrid_max_positives: int = 300  # per head and image; padded with negatives
     hybrid_aux_weight: float = 2.0  # the auxiliary heads' losses
     hybrid_query_weight: float = 1.0  # the positive queries' losses, per decoder layer
