@@ -72,8 +72,8 @@ def measure_one(overrides: list[str], steps: int, warmup: int) -> dict:
     from dimaskdino.data import build_train_loader, load_coco
     from dimaskdino.model import build_model
     from dimaskdino.model.criterion import build_criterion
-    from dimaskdino.train import batch_generators, move_targets, resolve_dataset
-    from dimaskdino.training_methods import InterSceneTerm, equivariance_losses
+    from dimaskdino.train import resolve_dataset, step_losses
+    from dimaskdino.training_methods import InterSceneTerm
 
     info = distributed.init_distributed("auto")
     cfg = resolve_dataset(apply_overrides(get_preset("demo"), ["model.num_classes=6", *overrides]), info)
@@ -90,44 +90,23 @@ def measure_one(overrides: list[str], steps: int, warmup: int) -> dict:
         from dimaskdino.data.second_view import SecondViewLoader
 
         loader = SecondViewLoader(loader, seed=0, min_scale=cfg.train.equivariance_min_scale)
-    inter_scene = None
-    if cfg.train.inter_scene:
-        inter_scene = InterSceneTerm(cfg.train.inter_scene_queue_size, cfg.model.hidden_dim,
-                                     cfg.train.inter_scene_pixels_per_instance, cfg.train.inter_scene_max_instances,
-                                     cfg.train.inter_scene_weight, cfg.loss.focal_alpha, cfg.loss.focal_gamma, info.device)
-    final_key = model.final_output_key()
+    inter_scene = InterSceneTerm.from_config(cfg, info.device) if cfg.train.inter_scene else None
     batches = []
     for batch in loader:  # the same batches for every switch (the loader's plan is seeded)
         batches.append(batch)
         if len(batches) == warmup + steps:
             break
     cuda = info.device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
     times = []
     for index, batch in enumerate(batches):
         if index == warmup and cuda:
             torch.cuda.reset_peak_memory_stats()
-        images = batch["images"].to(info.device)
-        targets = move_targets(batch["targets"], info.device)
-        ids = [t["image_id"] for t in batch["targets"]]
-        generators = batch_generators(0, index, ids, info.device)
-        dn_max_gt = max(len(t["labels"]) for t in batch["targets"])
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            outputs = model(images, targets, batch["image_sizes"], generators=generators, dn_max_gt=dn_max_gt)
-            if cfg.train.equivariance:
-                view = dict(batch["second_view"], images=batch["second_view"]["images"].to(info.device),
-                            targets=move_targets(batch["second_view"]["targets"], info.device))
-                generators2 = batch_generators(0, index, ids, info.device, view=1)
-                outputs2 = model(view["images"], view["targets"], view["image_sizes"], generators=generators2,
-                                 dn_max_gt=dn_max_gt, auxiliary=False)
-        losses = criterion(outputs, targets, generators=generators)
-        if inter_scene is not None:
-            losses.update(inter_scene(outputs[final_key], targets, generators))
-        if cfg.train.equivariance:
-            losses.update(equivariance_losses(criterion, outputs, outputs2, view, final_key,
-                                              cfg.train.equivariance_weight, generators2))
+        # The trainer's own step (host-to-device copies included), minus logging and clipping.
+        losses = step_losses(model, criterion, cfg, batch, index, info.device, autocast, inter_scene)
         optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         optimizer.step()

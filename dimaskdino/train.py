@@ -145,6 +145,37 @@ def batch_generators(seed: int, step: int, image_ids: list[int], device: torch.d
     return generators
 
 
+def step_losses(model, criterion, cfg: Config, batch: dict, step: int, device: torch.device, autocast,
+                inter_scene=None) -> dict[str, torch.Tensor]:
+    """Every weighted loss term of one training step: the forward (of both views with
+    train.equivariance), the criterion, and the instance-unique terms when switched on."""
+    from dimaskdino.training_methods import equivariance_losses
+
+    images = batch["images"].to(device, non_blocking=True)
+    targets = move_targets(batch["targets"], device)
+    image_ids = [t["image_id"] for t in batch["targets"]]
+    generators = batch_generators(cfg.train.seed, step, image_ids, device)
+    dn_max_gt = distributed.all_reduce_max_int(max((len(t["labels"]) for t in batch["targets"]), default=0), device)
+    with autocast:
+        outputs = model(images, targets, batch["image_sizes"], generators=generators, dn_max_gt=dn_max_gt)
+        if cfg.train.equivariance:
+            second_view = dict(batch["second_view"])
+            second_view["images"] = second_view["images"].to(device, non_blocking=True)
+            second_view["targets"] = move_targets(second_view["targets"], device)
+            second_generators = batch_generators(cfg.train.seed, step, image_ids, device, view=1)
+            # The second view's GT are a subset of the first's: dn_max_gt still bounds them.
+            second_outputs = model(second_view["images"], second_view["targets"], second_view["image_sizes"],
+                                   generators=second_generators, dn_max_gt=dn_max_gt, auxiliary=False)
+    losses = criterion(outputs, targets, generators=generators)
+    final_key = model.final_output_key()
+    if inter_scene is not None:
+        losses.update(inter_scene(outputs[final_key], targets, generators))
+    if cfg.train.equivariance:
+        losses.update(equivariance_losses(criterion, outputs, second_outputs, second_view, final_key,
+                                          cfg.train.equivariance_weight, second_generators))
+    return losses
+
+
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a (possibly DTensor) scalar, e.g. the gradient norm under FSDP."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach()
@@ -233,7 +264,6 @@ def train(cfg: Config) -> dict:
     from dimaskdino.evaluate import evaluate_model
     from dimaskdino.model import build_model
     from dimaskdino.model.criterion import build_criterion
-    from dimaskdino.training_methods import equivariance_losses
 
     info = distributed.init_distributed(cfg.train.device)
     setup_logging(info.is_main)
@@ -266,11 +296,7 @@ def train(cfg: Config) -> dict:
     if cfg.train.inter_scene:
         from dimaskdino.training_methods import InterSceneTerm
 
-        inter_scene = InterSceneTerm(
-            cfg.train.inter_scene_queue_size, cfg.model.hidden_dim, cfg.train.inter_scene_pixels_per_instance,
-            cfg.train.inter_scene_max_instances, cfg.train.inter_scene_weight, cfg.loss.focal_alpha, cfg.loss.focal_gamma,
-            info.device,
-        )
+        inter_scene = InterSceneTerm.from_config(cfg, info.device)
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_mult), lr=cfg.train.lr,
         weight_decay=cfg.train.weight_decay,
@@ -341,31 +367,10 @@ def train(cfg: Config) -> dict:
     window_start, window_images = time.time(), 0
     while step < total_steps:
         for batch in train_loader:
-            images = batch["images"].to(info.device, non_blocking=True)
-            targets = move_targets(batch["targets"], info.device)
-            generators = batch_generators(cfg.train.seed, step, [t["image_id"] for t in batch["targets"]], info.device)
             factor = lr_factor(step, cfg.train.warmup_iters, drop_steps)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            dn_max_gt = distributed.all_reduce_max_int(max((len(t["labels"]) for t in batch["targets"]), default=0), info.device)
-            with autocast:
-                outputs = model(images, targets, batch["image_sizes"], generators=generators, dn_max_gt=dn_max_gt)
-                if cfg.train.equivariance:
-                    second_view = dict(batch["second_view"])
-                    second_view["images"] = second_view["images"].to(info.device, non_blocking=True)
-                    second_view["targets"] = move_targets(second_view["targets"], info.device)
-                    second_generators = batch_generators(
-                        cfg.train.seed, step, [t["image_id"] for t in batch["targets"]], info.device, view=1)
-                    # The second view's GT are a subset of the first's: dn_max_gt still bounds them.
-                    second_outputs = model(second_view["images"], second_view["targets"], second_view["image_sizes"],
-                                           generators=second_generators, dn_max_gt=dn_max_gt, auxiliary=False)
-            losses = criterion(outputs, targets, generators=generators)
-            final_key = f"dec{cfg.model.decoder.num_layers - 1}"
-            if inter_scene is not None:
-                losses.update(inter_scene(outputs[final_key], targets, generators))
-            if cfg.train.equivariance:
-                losses.update(equivariance_losses(criterion, outputs, second_outputs, second_view, final_key,
-                                                  cfg.train.equivariance_weight, second_generators))
+            losses = step_losses(model, criterion, cfg, batch, step, info.device, autocast, inter_scene)
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

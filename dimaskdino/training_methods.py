@@ -40,6 +40,13 @@ class InterSceneTerm:
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 
+    @classmethod
+    def from_config(cls, cfg, device: torch.device) -> "InterSceneTerm":
+        train = cfg.train
+        return cls(train.inter_scene_queue_size, cfg.model.hidden_dim, train.inter_scene_pixels_per_instance,
+                   train.inter_scene_max_instances, train.inter_scene_weight, cfg.loss.focal_alpha, cfg.loss.focal_gamma,
+                   device)
+
     def __call__(self, prediction: dict, targets: list[dict], generators: list[torch.Generator] | None) -> dict[str, torch.Tensor]:
         """prediction: the final decoder output, with "mask_embed" (B, Q, d) and "mask_features"."""
         if "mask_embed" not in prediction or "mask_features" not in prediction:
@@ -50,7 +57,7 @@ class InterSceneTerm:
         loss = inter_scene_loss(prediction["mask_embed"], self.queue, image_ids, self.focal_alpha, self.focal_gamma)
         with torch.no_grad():
             entries, valid = sample_instance_pixels(
-                prediction["mask_features"].detach().float(), [t["masks"] for t in targets], self.pixels_per_instance,
+                prediction["mask_features"], [t["masks"] for t in targets], self.pixels_per_instance,
                 self.max_instances, generators,
             )
             entry_ids = entry_image_ids(image_ids, self.max_instances, self.pixels_per_instance)
@@ -85,6 +92,6 @@ def equivariance_losses(criterion, first: dict, second: dict, second_view: dict,
     features_second = second[final_key]["mask_features"]
     grid, valid = view_grids(second_view["transforms"], tuple(second_view["images"].shape[-2:]),
                              tuple(features_second.shape[-2:]), features_second.device)
-    feature_loss = feature_equivariance_loss(features_second.float(), features_first.float(), grid.float(), valid)
+    feature_loss = feature_equivariance_loss(features_second, features_first, grid, valid)  # in float32
     losses["equi/features"] = weight * feature_loss
     return losses

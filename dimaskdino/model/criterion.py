@@ -40,7 +40,7 @@ from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from dimaskdino.ops.mask_loss import matched_mask_logits, point_mask_loss
 
 from .matcher import HungarianMatcher, Matches, has_mask_prediction
-from .point_sample import point_sample, uncertainty_points
+from .point_sample import point_sample, rank_within_group, uncertainty_points
 from .postprocess import decoder_output_names
 
 
@@ -86,17 +86,6 @@ def float_gt_masks(targets: list[dict], device) -> list[torch.Tensor]:
     return [t["masks"].to(device)[:, None].float() for t in targets]
 
 
-def _copy_rank(gt_idx: torch.Tensor, num_gt: int) -> tuple[torch.Tensor, int]:
-    """For pairs that may share a GT (one-to-many assignment): each pair's rank among the pairs of
-    its GT, and the largest number of pairs of one GT (one host sync)."""
-    counts = torch.bincount(gt_idx, minlength=num_gt)
-    order = torch.sort(gt_idx, stable=True).indices
-    first_of_gt = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(gt_idx)
-    rank[order] = torch.arange(gt_idx.shape[0], device=gt_idx.device) - first_of_gt[gt_idx[order]]
-    return rank, int(counts.max())
-
-
 @torch.no_grad()
 def gt_point_values(
     gt_masks: list[torch.Tensor], matches: Matches, points: torch.Tensor, copies_per_gt: int | None
@@ -121,7 +110,7 @@ def gt_point_values(
             grid = image_points.new_zeros(num_gt, num_points, 2).index_copy_(0, gt_idx, image_points)
             values.append(point_sample(masks, grid)[:, 0][gt_idx])
         elif copies_per_gt is None:
-            rank, max_copies = _copy_rank(gt_idx, num_gt)
+            rank, max_copies = rank_within_group(gt_idx, num_gt)  # pairs sharing a GT
             grid = image_points.new_zeros(num_gt, max_copies, num_points, 2)
             grid[gt_idx, rank] = image_points
             sampled = point_sample(masks, grid.reshape(num_gt, max_copies * num_points, 2))[:, 0]

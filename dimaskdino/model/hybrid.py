@@ -62,6 +62,7 @@ from .box_ops import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, elementwis
 from .criterion import sigmoid_focal_loss_sum
 from .layers import box_sine_embedding
 from .pixel_decoder import ConvNorm, c2_xavier_fill
+from .point_sample import rank_within_group
 
 HEAD_NAMES = ("atss", "rcnn")
 
@@ -365,17 +366,6 @@ def sample_roi_grids(feature: torch.Tensor, boxes: torch.Tensor, batch_index: to
     values = sampled.permute(0, 2, 1, 3)[batch_index, slot]  # (n, C, S*S)
     values = values * inside.reshape(-1, 1, grid_side * grid_side)
     return values.reshape(-1, channels, grid_side, grid_side)
-
-
-def rank_within_group(group: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, int]:
-    """Position of every element among the elements of its group (in input order), and the largest
-    group size."""
-    counts = torch.bincount(group, minlength=num_groups)
-    order = torch.sort(group, stable=True).indices
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(group)
-    rank[order] = torch.arange(group.numel(), device=group.device) - starts[group[order]]
-    return rank, int(counts.max())
 
 
 # --------------------------------------------------------------------------------------------

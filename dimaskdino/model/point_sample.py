@@ -153,3 +153,15 @@ def uncertainty_points(
     chosen = torch.gather(candidates, 1, most_uncertain.unsqueeze(-1).expand(-1, -1, 2))
     uniform = rand_per_image(rows, (num_random, 2), device, generators)
     return torch.cat((chosen, uniform), dim=1)
+
+
+def rank_within_group(group: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, int]:
+    """Position of every element among the elements of its group (in input order), and the largest
+    group size (one host sync). Packs rows of different groups into the slots of one batched
+    grid_sample: the RoIs of each image, the pairs that share a GT mask."""
+    counts = torch.bincount(group, minlength=num_groups)
+    order = torch.sort(group, stable=True).indices
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(group)
+    rank[order] = torch.arange(group.numel(), device=group.device) - starts[group[order]]
+    return rank, int(counts.max())
