@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -153,6 +155,9 @@ class TrainConfig:
     log_period: int = 10  # steps between log records (each one reduces the losses over processes)
     checkpoint_period: int = 500  # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 2
+    # A step whose loss or gradient norm is not finite is skipped (no optimizer update) and
+    # counted; this many in a row stop the run (naming the last checkpoint, all written finite).
+    max_bad_steps: int = 20
     eval_period: int = 0  # steps; 0 = only at the end; < 0 = never (no metrics, no picture)
     eval_batch_size: int = 4
     num_picture_images: int = 4  # val images in predictions.png
@@ -430,8 +435,8 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
             hints = typing.get_type_hints(type(target))
             section_name = ".".join(path) or "<top level>"
             if part not in hints:
-                valid = ", ".join(hints)
-                raise KeyError(f"unknown config key '{key}': section '{section_name}' has no '{part}'; valid keys: {valid}")
+                raise KeyError(f"unknown config key '{key}': section '{section_name}' has no '{part}'"
+                               f"{_did_you_mean(part, hints, path)}; valid keys: {', '.join(hints)}")
             annotation = hints[part]
             is_section = dataclasses.is_dataclass(annotation)
             last = depth == len(parts) - 1
@@ -447,6 +452,54 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
                 path.append(part)
     validate(cfg)
     return cfg
+
+
+def _did_you_mean(name: str, valid: typing.Iterable[str], path: list[str]) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean '{'.'.join([*path, close[0]])}'?)" if close else ""
+
+
+# Lower bounds of the numeric train fields: (minimum, inclusive). Every train field that is a
+# number must appear here (a test checks), so a new field gets a bound when it is added.
+_TRAIN_BOUNDS: dict[str, tuple[float, bool]] = {
+    "lr": (0.0, False), "weight_decay": (0.0, True), "backbone_lr_mult": (0.0, True),
+    "clip_grad_norm": (0.0, False), "batch_size": (1, True), "epochs": (0.0, False),
+    "warmup_iters": (0, True), "seed": (0, True), "max_steps": (0, True), "log_period": (1, True),
+    "checkpoint_period": (0, True), "keep_checkpoints": (0, True), "max_bad_steps": (1, True),
+    "eval_period": (-1, True), "eval_batch_size": (1, True), "num_picture_images": (0, True),
+    "hybrid_max_positives": (1, True), "hybrid_aux_weight": (0.0, True), "hybrid_query_weight": (0.0, True),
+    "inter_scene_queue_size": (1, True), "inter_scene_pixels_per_instance": (1, True),
+    "inter_scene_max_instances": (1, True), "inter_scene_weight": (0.0, True), "equivariance_weight": (0.0, True),
+    "equivariance_min_scale": (0.0, False),
+}
+
+
+def _numeric_errors(cfg: Config) -> list[str]:
+    """Every float in the config is finite (an override can say nan or inf); every numeric train
+    field is within its bound."""
+    errors = []
+
+    def visit(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                visit(value, f"{key}.")
+                continue
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                errors.append(f"{key} must be finite, got {value}")
+
+    visit(cfg, "")
+    for name, (minimum, inclusive) in _TRAIN_BOUNDS.items():
+        value = getattr(cfg.train, name)
+        if not math.isfinite(value):
+            continue  # reported above
+        if value < minimum or (value == minimum and not inclusive):
+            errors.append(f"train.{name} must be {'>=' if inclusive else '>'} {minimum}, got {value}")
+    if any(e < 0 for e in cfg.train.lr_drop_epochs):
+        errors.append(f"train.lr_drop_epochs must be >= 0, got {cfg.train.lr_drop_epochs}")
+    return errors
 
 
 def validate(cfg: Config) -> None:
@@ -493,17 +546,13 @@ def validate(cfg: Config) -> None:
     if model.size_divisibility < 1:
         errors.append("model.size_divisibility must be >= 1")
     train = cfg.train
+    errors.extend(_numeric_errors(cfg))
     unknown_heads = [h for h in train.hybrid_heads if h not in ("atss", "rcnn")]
     if unknown_heads or len(set(train.hybrid_heads)) != len(train.hybrid_heads):
         errors.append(f"train.hybrid_heads must be distinct names from (atss, rcnn), got {','.join(train.hybrid_heads)}")
     if train.hybrid_masks and not train.hybrid_heads:
         errors.append("train.hybrid_masks needs train.hybrid_heads (e.g. train.hybrid_heads=atss,rcnn)")
-    if train.hybrid_max_positives < 1:
-        errors.append(f"train.hybrid_max_positives must be >= 1, got {train.hybrid_max_positives}")
-    for name in ("inter_scene_queue_size", "inter_scene_pixels_per_instance", "inter_scene_max_instances"):
-        if getattr(train, name) < 1:
-            errors.append(f"train.{name} must be >= 1, got {getattr(train, name)}")
-    if not 0.0 < train.equivariance_min_scale <= 1.0:
+    if train.equivariance_min_scale > 1.0:  # > 0 is a bound above
         errors.append(f"train.equivariance_min_scale must be in (0, 1], got {train.equivariance_min_scale}")
     if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+        raise ValueError("invalid config: " + "; ".join(errors))

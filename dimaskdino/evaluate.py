@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from dimaskdino.cli import ArgumentParser, run_cli
 from dimaskdino.config import TrainConfig
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -563,7 +564,7 @@ def _check_categories(checkpoint_map, dataset_map, json_path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dimaskdino.evaluate",
+    parser = ArgumentParser(prog="python -m dimaskdino.evaluate",
                                      description="COCO box and mask AP of a checkpoint.")
     parser.add_argument("--checkpoint", default=TrainConfig.output_dir,
                         help="checkpoint directory, or a training output directory (its latest checkpoint); "
@@ -619,16 +620,6 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(metrics, f, indent=2)
         print(f"wrote {args.output}")
     return 0
-
-
-def run_cli(main_fn) -> int:
-    """Runs a CLI main: bad input (missing files, malformed json, a mismatched checkpoint) is one
-    `error:` line and exit code 2, not a traceback."""
-    try:
-        return main_fn()
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from dimaskdino.cli import ArgumentParser, run_cli
 from dimaskdino.config import TrainConfig
 
 from dimaskdino.data.loader import decode_image, render_image
@@ -37,7 +38,6 @@ from dimaskdino.evaluate import (
     eval_mode,
     image_predictions_to_coco,
     load_checkpoint_for_inference,
-    run_cli,
 )
 from dimaskdino.model.postprocess import decoder_output_names, postprocess
 from dimaskdino.visualize import overlay
@@ -215,7 +215,7 @@ def _save_png(picture: np.ndarray, path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dimaskdino.predict",
+    parser = ArgumentParser(prog="python -m dimaskdino.predict",
                                      description="Predict boxes and masks for images with a checkpoint.")
     parser.add_argument("--checkpoint", default=TrainConfig.output_dir,
                         help="checkpoint directory, or a training output directory (its latest checkpoint); "

@@ -1,6 +1,7 @@
 """Training entry point.
 
     torchrun [--nproc_per_node N] -m dimaskdino.train [--preset P] [key=value ...]
+    python -m dimaskdino.train [--preset P] [key=value ...]      (one process, no torchrun)
 
 With no arguments: the `demo` preset on the embedded synthetic dataset (generated on first use into
 a cache folder), on the GPU if there is one, else on the CPU. It trains, evaluates, and writes into
@@ -16,23 +17,29 @@ a run started on N processes continues on M.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
+import hashlib
 import os
+import shutil
+import struct
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from dimaskdino import dist as distributed
-from dimaskdino.checkpoint import latest_checkpoint, load_checkpoint, load_checkpoint_extra, resolve_checkpoint, save_checkpoint
+from dimaskdino.checkpoint import find_resumable, load_checkpoint, load_checkpoint_extra, resolve_checkpoint, save_checkpoint
+from dimaskdino.cli import ArgumentParser, run_cli
 from dimaskdino.config import PRESETS, Config, apply_overrides, config_to_dict, get_preset
+from dimaskdino.step_guard import NonFiniteGuard, optimizer_step, skip_flag
 
 logger = logging.getLogger("dimaskdino.train")
 
@@ -42,8 +49,8 @@ logger = logging.getLogger("dimaskdino.train")
 
 
 def parse_args(argv: list[str] | None) -> Config:
-    parser = argparse.ArgumentParser(
-        prog="torchrun -m dimaskdino.train",
+    parser = ArgumentParser(
+        prog="dimaskdino.train",
         description="Train DI-MaskDINO. Overrides are key=value pairs of the config, e.g. train.lr=2e-4.",
     )
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
@@ -78,12 +85,19 @@ def resolve_dataset(cfg: Config, info: distributed.DistInfo) -> Config:
     root = cache / name
     paths = SyntheticPaths.under(str(root))
     if info.is_main and not os.path.exists(paths.val_json):
-        staging = cache / f"{name}.tmp{os.getpid()}"
+        cache.mkdir(parents=True, exist_ok=True)
+        # A folder of its own (two runs sharing the cache may generate at the same time); the
+        # first complete one is renamed into place and a later one is dropped.
+        staging = Path(tempfile.mkdtemp(prefix=f"{name}.tmp", dir=cache))
         logger.info("generating the embedded synthetic dataset into %s", root)
         make_synthetic_coco(str(staging), seed=data.synthetic_seed, num_train=data.synthetic_train,
                             num_val=data.synthetic_val, height=height, width=width)
-        if not os.path.exists(paths.val_json):
-            os.replace(staging, root)
+        try:
+            os.rename(staging, root)  # fails when another run's copy is in place (or half-renamed)
+        except OSError:
+            if not os.path.exists(paths.val_json):
+                raise
+        shutil.rmtree(staging, ignore_errors=True)
     distributed.barrier()
     return dataclasses.replace(cfg, data=dataclasses.replace(
         data, train_json=paths.train_json, train_images=paths.train_images, val_json=paths.val_json,
@@ -132,6 +146,13 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+def stable_seed(*values: int) -> int:
+    """A 63-bit seed from integers, the same on every Python version and platform (Python's
+    tuple hash is not guaranteed to be)."""
+    digest = hashlib.blake2b(struct.pack(f"<{len(values)}q", *values), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def batch_generators(seed: int, step: int, image_ids: list[int], device: torch.device, view: int = 0) -> list[torch.Generator]:
     """One generator per image, seeded by (seed, step, image id): a step's random draws do not
     depend on how the batch is split over processes or where a run resumed. view 1: the second
@@ -139,8 +160,7 @@ def batch_generators(seed: int, step: int, image_ids: list[int], device: torch.d
     generators = []
     for image_id in image_ids:
         g = torch.Generator(device=device)
-        key = (seed, step, int(image_id)) if view == 0 else (seed, step, int(image_id), view)
-        g.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+        g.manual_seed(stable_seed(seed, step, int(image_id), view))
         generators.append(g)
     return generators
 
@@ -189,20 +209,42 @@ def move_targets(targets: list[dict], device: torch.device) -> list[dict]:
 # Logging
 
 
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keeps the records of `path` with step <= last_step (rewritten atomically)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut by a crash
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            kept.append(line)
+    staging = path.with_suffix(".jsonl.tmp")
+    staging.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(staging, path)
+
+
 class RunLog:
     """JSONL and TensorBoard on rank 0; a progress bar with loss, lr, img/s and ETA."""
 
     def __init__(self, output_dir: Path, enabled: bool, total_steps: int, start_step: int):
         self.enabled = enabled
-        self.jsonl = open(output_dir / "log.jsonl", "a") if enabled else None
+        self.jsonl = None
         self.tensorboard = None
         self.bar = None
         if not enabled:
             return
+        # A run resumed at step S (or started afresh, S = 0) continues the records up to S and
+        # drops the later ones of the interrupted run, which it is about to write again.
+        _truncate_jsonl(output_dir / "log.jsonl", start_step)
+        self.jsonl = open(output_dir / "log.jsonl", "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(output_dir / "tb"))
+            # purge_step: TensorBoard discards the earlier events at steps >= S + 1.
+            self.tensorboard = SummaryWriter(str(output_dir / "tb"), purge_step=start_step + 1)
         except ImportError as error:
             logger.warning("TensorBoard logging is off: %s", error)
         self.total_steps = total_steps
@@ -258,10 +300,55 @@ class RunLog:
 # Training
 
 
-def train(cfg: Config) -> dict:
-    """Runs training as configured; returns the final metrics (rank 0; {} on other ranks)."""
-    from dimaskdino.data import build_eval_loader, build_train_loader, load_coco
-    from dimaskdino.evaluate import evaluate_model
+@dataclasses.dataclass
+class Position:
+    """Where training stands: the step, the data position, the skipped steps so far."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    skipped_steps: int = 0
+    checkpoint: Path | None = None  # the one resumed from
+
+
+@dataclasses.dataclass
+class Trainer:
+    """What the loop needs, built by `setup`."""
+
+    cfg: Config
+    info: distributed.DistInfo
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    inter_scene: Any
+    train_set: Any
+    val_set: Any
+    categories: Any
+    output_dir: Path
+    checkpoint_dir: Path
+
+
+def load_datasets(cfg: Config, info: distributed.DistInfo):
+    """(cfg with the dataset paths and num_classes of the data, train set, val set)."""
+    from dimaskdino.data import load_coco
+
+    cfg = resolve_dataset(cfg, info)
+    for key in ("train_json", "val_json", "train_images", "val_images"):
+        path = getattr(cfg.data, key)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"data.{key}: no such {'file' if key.endswith('json') else 'folder'}: {path}")
+    train_set = load_coco(cfg.data.train_json, cfg.data.train_images, for_training=True)
+    # One collector for both splits: a problem of a file shared by them is reported once.
+    val_set = load_coco(cfg.data.val_json, cfg.data.val_images, for_training=False, problems=train_set.problems)
+    categories = train_set.categories
+    if cfg.model.num_classes != categories.num_classes:
+        logger.info("model.num_classes: %d -> %d (the categories of %s)", cfg.model.num_classes, categories.num_classes, cfg.data.train_json)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=categories.num_classes))
+    return cfg, train_set, val_set
+
+
+def setup(cfg: Config) -> Trainer:
+    """Process group, data, model (sharded), criterion and optimizer."""
     from dimaskdino.model import build_model
     from dimaskdino.model.criterion import build_criterion
 
@@ -270,74 +357,115 @@ def train(cfg: Config) -> dict:
     # The model's outputs include views (slices of the decoder's queries); nothing modifies them
     # in place, which is what FSDP warns about.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    t_start = time.time()
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    cfg = resolve_dataset(cfg, info)
-    train_set = load_coco(cfg.data.train_json, cfg.data.train_images, for_training=True)
-    # One collector for both splits: a file shared by them is reported once.
-    val_set = load_coco(cfg.data.val_json, cfg.data.val_images, for_training=False, problems=train_set.problems)
-    categories = train_set.categories
-    if cfg.model.num_classes != categories.num_classes:
-        logger.info("model.num_classes: %d -> %d (the categories of %s)", cfg.model.num_classes, categories.num_classes, cfg.data.train_json)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=categories.num_classes))
+    if cfg.train.batch_size % info.world_size != 0:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the number of processes ({info.world_size})")
+    cfg, train_set, val_set = load_datasets(cfg, info)
 
     output_dir = Path(cfg.train.output_dir)
-    checkpoint_dir = output_dir / "checkpoints"
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
 
     torch.manual_seed(cfg.train.seed)  # the initial weights
-    model = build_model(cfg).to(info.device)
-    model = shard_model(model, info.device)
-    criterion = build_criterion(cfg)
+    model = shard_model(build_model(cfg).to(info.device), info.device)
     inter_scene = None
     if cfg.train.inter_scene:
         from dimaskdino.training_methods import InterSceneTerm
 
         inter_scene = InterSceneTerm.from_config(cfg, info.device)
+    # fused: its step reads the skip flag of a non-finite step on the device (step_guard).
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_mult), lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
+        weight_decay=cfg.train.weight_decay, fused=True,
     )
+    return Trainer(cfg, info, model, build_criterion(cfg), optimizer, inter_scene, train_set, val_set,
+                   train_set.categories, output_dir, output_dir / "checkpoints")
 
-    global_batch = cfg.train.batch_size
-    if global_batch % info.world_size != 0:
-        raise ValueError(f"train.batch_size={global_batch} must be divisible by the number of processes ({info.world_size})")
-    local_batch = global_batch // info.world_size
 
-    step, start_epoch, start_batch = 0, 0, 0
+def resume(t: Trainer) -> Position:
+    """The position of train.resume: "auto" = the newest checkpoint of the output folder that
+    verifies (a damaged newer one is reported and skipped), a path, or "" = from scratch."""
     resume_from = None
-    if cfg.train.resume == "auto":
-        resume_from = latest_checkpoint(checkpoint_dir)
-    elif cfg.train.resume:
-        resume_from = resolve_checkpoint(cfg.train.resume)
-    if resume_from is not None:
-        meta = load_checkpoint(resume_from, model, optimizer)
-        if inter_scene is not None:
-            extra = {"inter_scene": inter_scene.state_dict()}
-            load_checkpoint_extra(resume_from, extra)
-            inter_scene.load_state_dict(extra["inter_scene"])
-        step, start_epoch, start_batch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
-        logger.info("resumed from %s (step %d, saved by %d processes, now %d)", resume_from, step, meta["world_size"], info.world_size)
+    if t.cfg.train.resume == "auto":
+        resume_from = find_resumable(t.checkpoint_dir)
+    elif t.cfg.train.resume:
+        resume_from = resolve_checkpoint(t.cfg.train.resume)
+    if resume_from is None:
+        return Position()
+    meta = load_checkpoint(resume_from, t.model, t.optimizer)
+    if t.inter_scene is not None:
+        extra = {"inter_scene": t.inter_scene.state_dict()}
+        load_checkpoint_extra(resume_from, extra)
+        t.inter_scene.load_state_dict(extra["inter_scene"])
+    logger.info("resumed from %s (step %d, saved by %d processes, now %d)", resume_from, meta["step"],
+                meta["world_size"], t.info.world_size)
+    return Position(meta["step"], meta["epoch"], meta["batch_in_epoch"], meta.get("skipped_steps", 0), resume_from)
 
+
+def build_loaders(t: Trainer, position: Position):
+    """(train loader at the resumed position, val loader)."""
+    from dimaskdino.data import build_eval_loader, build_train_loader
+
+    cfg, info = t.cfg, t.info
     loader_args = dict(backend=cfg.data.loader, num_threads=cfg.data.num_threads, shard_id=info.rank, num_shards=info.world_size)
     if cfg.data.loader == "dali":
         loader_args["device_id"] = info.local_rank if info.device.type == "cuda" else None
     train_loader = build_train_loader(
-        train_set, batch_size=local_batch, image_size=cfg.data.image_size, min_scale=cfg.data.min_scale,
-        max_scale=cfg.data.max_scale, seed=cfg.train.seed, start_epoch=start_epoch, start_batch=start_batch, **loader_args,
+        t.train_set, batch_size=cfg.train.batch_size // info.world_size, image_size=cfg.data.image_size,
+        min_scale=cfg.data.min_scale, max_scale=cfg.data.max_scale, seed=cfg.train.seed,
+        start_epoch=position.epoch, start_batch=position.batch_in_epoch, **loader_args,
     )
     if cfg.train.equivariance:
         from dimaskdino.data.second_view import SecondViewLoader
 
         train_loader = SecondViewLoader(train_loader, seed=cfg.train.seed, min_scale=cfg.train.equivariance_min_scale)
     val_loader = build_eval_loader(
-        val_set, batch_size=cfg.train.eval_batch_size, short_side=cfg.data.test_short_side,
+        t.val_set, batch_size=cfg.train.eval_batch_size, short_side=cfg.data.test_short_side,
         max_size=cfg.data.test_max_size, size_divisibility=cfg.model.size_divisibility, **loader_args,
     )
+    return train_loader, val_loader
 
+
+def train_step(t: Trainer, batch: dict, step: int, lr_scale: float, autocast, guard: NonFiniteGuard) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """One optimizer step (skipped on the device when the loss or gradient norm is not
+    finite); returns (losses, total loss, gradient norm)."""
+    for group in t.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_scale
+    losses = step_losses(t.model, t.criterion, t.cfg, batch, step, t.info.device, autocast, t.inter_scene)
+    loss = sum(losses.values())
+    t.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = local_tensor(nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.train.clip_grad_norm))
+    skip = skip_flag(loss, grad_norm)
+    optimizer_step(t.optimizer, skip)
+    guard.record(step + 1, skip, loss, grad_norm)
+    return losses, loss, grad_norm
+
+
+def save(t: Trainer, step: int, data_position: int, steps_per_epoch: int, guard: NonFiniteGuard, run_log: "RunLog") -> None:
+    """A checkpoint at `step` (nothing when the state is not finite: save_checkpoint says so)."""
+    guard.flush()  # the skipped-step count of the checkpoint is exact
+    meta = dict(epoch=data_position // steps_per_epoch, batch_in_epoch=data_position % steps_per_epoch,
+                world_size=t.info.world_size, config=config_to_dict(t.cfg), categories=t.categories.state_dict(),
+                skipped_steps=guard.skipped, time=time.time())
+    extra = {"inter_scene": t.inter_scene.state_dict()} if t.inter_scene is not None else None
+    path = save_checkpoint(t.checkpoint_dir, step, t.model, t.optimizer, meta, keep=t.cfg.train.keep_checkpoints, extra=extra)
+    if path is not None:
+        guard.last_checkpoint = path
+        run_log.event(step, {"checkpoint": str(path)})
+
+
+def train(cfg: Config) -> dict:
+    """Runs training as configured; returns the final metrics (rank 0; {} on other ranks)."""
+    from dimaskdino.evaluate import evaluate_model
+
+    t_start = time.time()
+    t = setup(cfg)
+    cfg, info = t.cfg, t.info
+    position = resume(t)
+    train_loader, val_loader = build_loaders(t, position)
     steps_per_epoch = len(train_loader)
     total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)
     if cfg.train.max_steps > 0:
@@ -349,68 +477,65 @@ def train(cfg: Config) -> dict:
     if info.is_main:
         logger.info(
             "training %s: %d processes on %s, batch %d (%d per process), %d steps (%.1f epochs of %d steps), output %s",
-            "DI-MaskDINO" if cfg.model.di.enabled else "MaskDINO", info.world_size, info.device, global_batch,
-            local_batch, total_steps, total_steps / steps_per_epoch, steps_per_epoch, output_dir,
+            "DI-MaskDINO" if cfg.model.di.enabled else "MaskDINO", info.world_size, info.device, cfg.train.batch_size,
+            cfg.train.batch_size // info.world_size, total_steps, total_steps / steps_per_epoch, steps_per_epoch, t.output_dir,
         )
-    run_log = RunLog(output_dir, info.is_main, total_steps, step)
+    step = position.step
+    run_log = RunLog(t.output_dir, info.is_main, total_steps, step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-    def save(epoch: int, batch_in_epoch: int) -> None:
-        meta = dict(epoch=epoch, batch_in_epoch=batch_in_epoch, world_size=info.world_size, config=config_to_dict(cfg),
-                    categories=categories.state_dict(), time=time.time())
-        extra = {"inter_scene": inter_scene.state_dict()} if inter_scene is not None else None
-        path = save_checkpoint(checkpoint_dir, step, model, optimizer, meta, keep=cfg.train.keep_checkpoints, extra=extra)
-        run_log.event(step, {"checkpoint": str(path)})
+    guard = NonFiniteGuard(cfg.train.max_bad_steps, skipped_before=position.skipped_steps)
+    guard.last_checkpoint = position.checkpoint
 
     metrics: dict = {}
-    model.train()
+    t.model.train()
     window_start, window_images = time.time(), 0
-    while step < total_steps:
-        for batch in train_loader:
-            factor = lr_factor(step, cfg.train.warmup_iters, drop_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            losses = step_losses(model, criterion, cfg, batch, step, info.device, autocast, inter_scene)
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
-            optimizer.step()
-            step += 1
-            window_images += global_batch
-            run_log.advance()
-            if step % cfg.train.log_period == 0 or step == total_steps:
-                reduced = distributed.all_reduce_mean(dict(losses, loss=loss.detach(), grad_norm=local_tensor(grad_norm)))
-                elapsed = time.time() - window_start
-                record = dict(step=step, epoch=step / steps_per_epoch, lr=cfg.train.lr * factor,
-                              img_per_s=window_images / max(elapsed, 1e-9), **reduced)
-                run_log.step(step, record)
-                window_start, window_images = time.time(), 0
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"step {step}: the loss is {record['loss']}; the last checkpoint is intact in {checkpoint_dir}")
-            done = step >= total_steps
-            if cfg.train.checkpoint_period > 0 and (step % cfg.train.checkpoint_period == 0 or done):
-                save(train_loader.position // steps_per_epoch, train_loader.position % steps_per_epoch)
-            if evaluate and (step % eval_every == 0 or done):
-                metrics = evaluate_model(model, val_loader, categories, cfg.data.val_json, device=info.device)
-                run_log.event(step, {f"val/{k}": v for k, v in metrics.items()})
-                if info.is_main:
-                    logger.info("step %d: segm AP %.3f, bbox AP %.3f", step, metrics.get("segm/AP", float("nan")), metrics.get("bbox/AP", float("nan")))
-                model.train()
-            if done:
-                break
+    try:
+        while step < total_steps:
+            for batch in train_loader:
+                lr_scale = lr_factor(step, cfg.train.warmup_iters, drop_steps)
+                losses, loss, grad_norm = train_step(t, batch, step, lr_scale, autocast, guard)
+                step += 1
+                window_images += cfg.train.batch_size
+                run_log.advance()
+                done = step >= total_steps
+                if step % cfg.train.log_period == 0 or done:
+                    reduced = distributed.all_reduce_mean(dict(losses, loss=loss.detach(), grad_norm=grad_norm))
+                    guard.flush()
+                    elapsed = time.time() - window_start
+                    run_log.step(step, dict(step=step, epoch=step / steps_per_epoch, lr=cfg.train.lr * lr_scale,
+                                            img_per_s=window_images / max(elapsed, 1e-9), skipped_steps=guard.skipped,
+                                            **reduced))
+                    window_start, window_images = time.time(), 0
+                if cfg.train.checkpoint_period > 0 and (step % cfg.train.checkpoint_period == 0 or done):
+                    save(t, step, train_loader.position, steps_per_epoch, guard, run_log)
+                if evaluate and (step % eval_every == 0 or done):
+                    metrics = evaluate_model(t.model, val_loader, t.categories, cfg.data.val_json, device=info.device)
+                    run_log.event(step, {f"val/{k}": v for k, v in metrics.items()})
+                    if info.is_main:
+                        logger.info("step %d: segm AP %.3f, bbox AP %.3f", step, metrics.get("segm/AP", float("nan")), metrics.get("bbox/AP", float("nan")))
+                    t.model.train()
+                if done:
+                    break
+        guard.flush()
+    finally:
+        run_log.close()
+    return finish(t, metrics, step, guard, evaluate, time.time() - t_start)
 
-    run_log.close()
-    elapsed = time.time() - t_start
-    if evaluate:  # every rank: a forward of the sharded model is a collective
-        write_prediction_picture(model, val_set, cfg, categories, output_dir / "predictions.png", info.device, info.is_main)
+
+def finish(t: Trainer, metrics: dict, step: int, guard: NonFiniteGuard, evaluated: bool, elapsed: float) -> dict:
+    """predictions.png, metrics.json and the closing log lines."""
+    info = t.info
+    if evaluated:  # every rank: a forward of the sharded model is a collective
+        write_prediction_picture(t.model, t.val_set, t.cfg, t.categories, t.output_dir / "predictions.png", info.device, info.is_main)
     if info.is_main:
-        summary = dict(metrics, steps=step, train_seconds=elapsed, world_size=info.world_size, device=str(info.device),
-                       data_problems=train_set.problems.counts())
-        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
-        logger.info("%s", train_set.problems.summary())
+        summary = dict(metrics, steps=step, skipped_steps=guard.skipped, train_seconds=elapsed, world_size=info.world_size,
+                       device=str(info.device), data_problems=t.train_set.problems.counts())
+        (t.output_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+        logger.info("%s", t.train_set.problems.summary())
+        if guard.skipped:
+            logger.warning("%d steps were skipped (non-finite loss or gradient norm)", guard.skipped)
         logger.info("done in %.1f min: segm AP %.3f, bbox AP %.3f; outputs in %s", elapsed / 60,
-                    metrics.get("segm/AP", float("nan")), metrics.get("bbox/AP", float("nan")), output_dir)
+                    metrics.get("segm/AP", float("nan")), metrics.get("bbox/AP", float("nan")), t.output_dir)
         metrics = summary
     distributed.barrier()
     return metrics
@@ -427,13 +552,17 @@ def write_prediction_picture(model, val_set, cfg: Config, categories, path: Path
         save_overlay_grid(str(path), panels)
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv)
-    try:
-        train(cfg)
-    finally:
-        distributed.cleanup()
+def main(argv: list[str] | None = None) -> int:
+    def run() -> int:
+        cfg = parse_args(argv)
+        try:
+            train(cfg)
+        finally:
+            distributed.cleanup()
+        return 0
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
