@@ -399,9 +399,12 @@ def test_hostile_dataset_is_reported_and_skipped(tmp_path, caplog):
     assert ds.problems.files(P.NO_ANNOTATIONS) == {"noann.jpg"}
     assert ds.problems.files(P.ZERO_AREA_BOX) == {"zero.jpg"}
     assert ds.problems.files(P.DEGENERATE_POLYGON) == {"degen.jpg"}
-    assert counts[P.DEGENERATE_POLYGON] == 1  # reported once per file
-    for name in ("missing.jpg", "truncated.jpg", "junk.jpg", "noann.jpg", "zero.jpg", "degen.jpg"):
+    assert counts[P.DEGENERATE_POLYGON] == 3  # per occurrence: three bad polygons in one image
+    for name in ("missing.jpg", "truncated.jpg", "junk.jpg", "noann.jpg"):
         assert sum(name in r.getMessage() for r in caplog.records) == 1
+    assert counts[P.ZERO_AREA_BOX] == 2  # two annotations of zero.jpg
+    for name, occurrences in (("zero.jpg", 2), ("degen.jpg", 3)):
+        assert sum(name in r.getMessage() for r in caplog.records) == occurrences
     by_name = {r.file_name: r for r in ds.records}
     assert set(by_name) == {"good1.jpg", "good2.jpg", "zero.jpg", "degen.jpg", "gray.jpg", "pic.png", "noscan.jpg"}
     assert len(by_name["zero.jpg"].annotations) == 1 and len(by_name["degen.jpg"].annotations) == 1

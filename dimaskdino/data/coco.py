@@ -11,7 +11,7 @@ Two kinds of failure, on purpose:
   before training, naming the file and the field (`annotations[12].bbox: expected 4 numbers,
   got 3 in /path/instances_train.json`);
 - bad data (missing, corrupt or mis-sized image files, degenerate polygons, zero-area boxes, bad
-  RLE, images without annotations) is reported once per file to a `DataProblems` collector and
+  RLE, images without annotations) is reported once per occurrence to a `DataProblems` collector and
   skipped or repaired, so that the pipelines downstream only ever see loadable samples.
 """
 
@@ -287,6 +287,10 @@ def _parse_images(v: _Validator, data: dict, image_root: str) -> list[ImageRecor
         file_name = v.get(im, "file_name", where)
         if not isinstance(file_name, str) or not file_name:
             v.fail(f"{where}.file_name", f"expected a file name, got {file_name!r}")
+        if os.path.isabs(file_name) or ".." in file_name.replace("\\", "/").split("/"):
+            # Would read outside the image folder.
+            v.fail(f"{where}.file_name", f"image id {image_id}: {file_name!r} must be a path inside the image folder "
+                   "(no absolute path, no '..')")
         size = []
         for key in ("height", "width"):
             value = v.get(im, key, where, required=False)
@@ -319,6 +323,7 @@ def _parse_segmentation(
                     record.file_name,
                     f"annotation id {ann_id}: polygon with {len(xy)} points and area "
                     f"{polygon_area(xy) if len(xy) >= 3 else 0.0:g} dropped",
+                    occurrence=f"annotation {ann_id}, part {j}",
                 )
                 continue
             parts.append(xy)
@@ -332,7 +337,7 @@ def _parse_segmentation(
             problems.add(
                 P.BAD_RLE, record.file_name,
                 f"annotation id {ann_id}: RLE size {size.astype(int).tolist()} differs from the image's "
-                f"{[record.height, record.width]}; dropped",
+                f"{[record.height, record.width]}; dropped", occurrence=f"annotation {ann_id}",
             )
             return None, None
         try:
@@ -342,10 +347,12 @@ def _parse_segmentation(
             else:
                 rle = {"size": [record.height, record.width], "counts": counts.encode("ascii")}
             if mask_utils.area(rle) <= 0:
-                problems.add(P.EMPTY_MASK, record.file_name, f"annotation id {ann_id}: empty RLE; dropped")
+                problems.add(P.EMPTY_MASK, record.file_name, f"annotation id {ann_id}: empty RLE; dropped",
+                             occurrence=f"annotation {ann_id}")
                 return None, None
         except Exception as e:  # pycocotools raises on inconsistent run lengths
-            problems.add(P.BAD_RLE, record.file_name, f"annotation id {ann_id}: {e}; dropped")
+            problems.add(P.BAD_RLE, record.file_name, f"annotation id {ann_id}: {e}; dropped",
+                         occurrence=f"annotation {ann_id}")
             return None, None
         return None, rle
     v.fail(where, f"expected a list of polygons or an RLE object, got {type(segm).__name__}")
@@ -403,17 +410,20 @@ def _parse_annotations(
             if segm is None or segm == []:
                 if zero_box:
                     report.add(P.ZERO_AREA_BOX, record.file_name,
-                               f"annotation id {ann_id}: zero-area box and no segmentation; dropped")
+                               f"annotation id {ann_id}: zero-area box and no segmentation; dropped",
+                               occurrence=f"annotation {ann_id}")
                     continue
                 # Repair: a detection-only annotation gets its box as mask.
                 report.add(P.NO_SEGMENTATION, record.file_name,
-                           f"annotation id {ann_id}: no segmentation; its box is used as mask")
+                           f"annotation id {ann_id}: no segmentation; its box is used as mask",
+                           occurrence=f"annotation {ann_id}")
                 polygons = [_box_polygon(bbox)]
             else:
                 continue  # every part was degenerate (reported above)
         elif zero_box:
             report.add(P.ZERO_AREA_BOX, record.file_name,
-                       f"annotation id {ann_id}: box {bbox} ignored; the box is recomputed from the mask")
+                       f"annotation id {ann_id}: box {bbox} ignored; the box is recomputed from the mask",
+                       occurrence=f"annotation {ann_id}")
         record.annotations.append(
             Annotation(ann_id, cats.label(cat), bool(iscrowd), tuple(bbox), polygons, rle)
         )

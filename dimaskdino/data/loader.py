@@ -153,7 +153,7 @@ class _TorchLoader:
                                              num_workers=self.num_workers, collate_fn=_as_is)
         for batch in loader:
             for p in batch.pop("_problems"):
-                self.problems.add(p.kind, p.file, p.detail)
+                self.problems.add(p.kind, p.file, p.detail, p.occurrence)
                 self._mark_bad(p.file)
             yield batch
 
