@@ -189,6 +189,45 @@ def test_native_op_checks_inputs_too():
         )
 
 
+@pytest.mark.parametrize(
+    "name, changes",
+    [
+        # sum h*w > S (reads past value); the starts then disagree too: either is named
+        ("(spatial_shapes|level_start_index)", lambda a: dict(spatial_shapes=a["spatial_shapes"] + 1)),
+        ("spatial_shapes", lambda a: dict(spatial_shapes=a["spatial_shapes"] * torch.tensor([[1, 1], [0, 1]]))),
+        ("level_start_index", lambda a: dict(level_start_index=a["level_start_index"] + 1)),
+    ],
+)
+@pytest.mark.parametrize("backward", [False, True])
+def test_native_op_checks_spatial_shapes_contents(name, changes, backward):
+    """A direct op call (no wrapper) with shapes inconsistent with value is an error naming the
+    argument, not an out-of-bounds read, in the forward and the backward."""
+    args = _bad()
+    args.update(changes(args))
+    ordered = [args[k] for k in ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")]
+    with pytest.raises(RuntimeError, match=f"argument '{name}'"):
+        if backward:
+            grad = torch.zeros(ordered[3].shape[0], ordered[3].shape[1], ordered[0].shape[2] * ordered[0].shape[3])
+            torch.ops.dimaskdino._ms_deform_attn_backward(grad, *ordered)
+        else:
+            torch.ops.dimaskdino.ms_deform_attn(*ordered)
+    with pytest.raises(ValueError, match=f"argument '{name}'"):
+        ms_deform_attn(**args)  # the wrapper says so first
+
+
+def test_wrapper_contents_check_skips_fake_tensors():
+    """Under FakeTensorMode (the fake-GPU training step in CI) spatial_shapes has no values: the
+    wrapper must not read them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _bad()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = {k: mode.from_tensor(v) for k, v in args.items()}
+        out = ms_deform_attn(**fake, impl="cpu")
+    assert out.shape == (args["value"].shape[0], args["sampling_locations"].shape[1],
+                         args["value"].shape[2] * args["value"].shape[3])
+
+
 def test_auto_falls_back_once_with_a_warning(monkeypatch):
     monkeypatch.setattr(_extension, "native_available", lambda op, device_type: False)
     _extension.warn_fallback_once.cache_clear()

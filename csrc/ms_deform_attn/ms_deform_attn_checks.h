@@ -1,5 +1,8 @@
 // Shape and dtype checks of the MSDA op shared by the CPU and CUDA implementations. The Python
 // wrapper validates user input first; these catch direct torch.ops calls that skip it.
+// The contents of spatial_shapes and level_start_index (which bound every read of value) are
+// checked where they are on the host; on a GPU that would cost a device-to-host copy and a sync
+// per call, so there only the shapes are checked.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -41,6 +44,22 @@ inline MsdaSizes check_msda_inputs(const at::Tensor& value, const at::Tensor& sp
   DIMASKDINO_CHECK_ARG(loc_type == at::kFloat || loc_type == value.scalar_type(),
                        "sampling_locations", "expected float32 or value's dtype ",
                        value.scalar_type(), ", got ", loc_type);
+  if (spatial_shapes.device().is_cpu() && level_start_index.device().is_cpu()) {
+    const at::Tensor shapes = spatial_shapes.contiguous();
+    const at::Tensor starts = level_start_index.contiguous();
+    const int64_t* hw = shapes.data_ptr<int64_t>();
+    const int64_t* start = starts.data_ptr<int64_t>();
+    int64_t total = 0;
+    for (int64_t l = 0; l < L; ++l) {
+      DIMASKDINO_CHECK_ARG(hw[2 * l] > 0 && hw[2 * l + 1] > 0, "spatial_shapes", "level ", l,
+                           " has size ", hw[2 * l], " x ", hw[2 * l + 1]);
+      DIMASKDINO_CHECK_ARG(start[l] == total, "level_start_index", "level ", l, " starts at ",
+                           start[l], ", but the sum of h*w of the levels before it is ", total);
+      total += hw[2 * l] * hw[2 * l + 1];
+    }
+    DIMASKDINO_CHECK_ARG(total == value.size(1), "spatial_shapes", "sum of h*w = ", total,
+                         " but value has S = ", value.size(1), " tokens");
+  }
   return {value.size(0), value.size(1), value.size(2), value.size(3),
           L, sampling_locations.size(1), sampling_locations.size(4)};
 }

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from dimaskdino import _extension
 
@@ -101,10 +102,15 @@ def _validate(value, spatial_shapes, level_start_index, sampling_locations, atte
     for name, tensor in tensors.items():
         if tensor.device != value.device:
             fail(name, f"on {tensor.device}, but value is on {value.device}")
-    # The size check reads spatial_shapes' values: only where that costs no device sync and
-    # no graph break.
-    if spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling():
+    # The size check reads spatial_shapes' values: only where that costs no device sync (on a
+    # GPU it would be a copy to the host per call), no graph break, and the values exist (not
+    # fake or meta tensors, e.g. a FakeTensorMode trace).
+    if spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling() and not any(
+        is_fake(t) for t in (spatial_shapes, level_start_index)
+    ):
         sizes = spatial_shapes.prod(1)
+        if (spatial_shapes <= 0).any():
+            fail("spatial_shapes", f"every level needs h, w >= 1, got {spatial_shapes.tolist()}")
         if int(sizes.sum()) != value.shape[1]:
             fail("spatial_shapes", f"sum of h*w = {int(sizes.sum())} but value has S = {value.shape[1]} tokens")
         expected_starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
