@@ -17,6 +17,11 @@ TORCH_LIBRARY(dimaskdino, m) {
       "_ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
       "-> (Tensor, Tensor, Tensor)");
+  // data: the bytes of a JPEG file (1-D uint8, CPU). Returns 0 when every Huffman code of a
+  // baseline JPEG decodes and the data ends where the last block does; 1 premature end, 2 bytes
+  // after the last block, 3 bad Huffman code, 4 bad restart marker, 5 bad structure; -1 not
+  // checked (progressive, lossless, arithmetic-coded). See csrc/jpeg/jpeg_scan_check.cpp.
+  m.def("jpeg_scan_check(Tensor data) -> int");
 }
 
 // `import dimaskdino._C` runs the static registrations above; the module itself has no functions.

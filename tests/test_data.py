@@ -441,3 +441,70 @@ def test_grayscale_image_becomes_rgb(tmp_path):
     batch = next(iter(DaliEvalLoader(ds, batch_size=1, short_side=48, max_size=64)))
     img = batch["images"][0, :, :48, :64]
     assert img.shape[0] == 3 and torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])
+
+
+def _corrupt_scan(data: bytes, how: str) -> bytes:
+    """A JPEG whose headers are intact but whose entropy-coded data is damaged."""
+    d = bytearray(data)
+    sos = d.index(b"\xff\xda")
+    mid = (sos + len(d)) // 2
+    if how == "zeros":
+        d[mid:mid + 64] = bytes(64)
+    elif how == "flip":
+        d[mid] ^= 0x5A
+    elif how == "cut":  # the scan stops half-way (the end-of-image marker is still there)
+        d = d[:mid] + b"\xff\xd9"
+    return bytes(d)
+
+
+def _jpeg_bytes(rng, h, w, **save_args) -> bytes:
+    import io
+
+    arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    arr[: h // 2] = 60  # flat and busy regions: codes of many lengths
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(save_args.pop("mode", "RGB")).save(buf, format="JPEG", **save_args)
+    return buf.getvalue()
+
+
+def test_jpeg_scan_check_finds_what_libjpeg_only_warns_about():
+    from dimaskdino.data.jpeg_scan import jpeg_scan_problem
+
+    rng = np.random.default_rng(0)
+    for i in range(24):  # clean files of every kind decode cleanly
+        h, w = (int(v) for v in rng.integers(1, 200, 2))
+        data = _jpeg_bytes(rng, h, w, quality=int(rng.integers(5, 100)), subsampling=i % 3, optimize=i % 4 == 0,
+                           mode="L" if i % 5 == 0 else "RGB")
+        assert jpeg_scan_problem(data) is None, (h, w, i)
+    data = _jpeg_bytes(rng, 96, 128, quality=90)
+    for how in ("zeros", "flip", "cut"):
+        assert jpeg_scan_problem(_corrupt_scan(data, how)) is not None, how
+    assert jpeg_scan_problem(_jpeg_bytes(rng, 96, 128, progressive=True)) is None  # not checked
+
+
+def _dataset_with_a_corrupt_scan(root):
+    rng = np.random.default_rng(1)
+    names = ["a.jpg", "b.jpg", "c.jpg", "badscan.jpg"]
+    for name in names[:3]:
+        (root / name).write_bytes(_jpeg_bytes(rng, 48, 64, quality=90))
+    (root / "badscan.jpg").write_bytes(_corrupt_scan(_jpeg_bytes(rng, 48, 64, quality=90), "zeros"))
+    images = [{"id": i, "file_name": n, "height": 48, "width": 64} for i, n in enumerate(names)]
+    anns = [{"id": i + 1, "image_id": i, "category_id": 1, "bbox": [10, 10, 30, 30],
+             "segmentation": [[10, 10, 40, 10, 40, 40, 10, 40]]} for i in range(len(names))]
+    path = root / "scan.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
+    return load_coco(str(path), str(root))
+
+
+@pytest.mark.parametrize("loader_cls", [DaliTrainLoader, TorchTrainLoader])
+def test_jpeg_with_corrupt_scan_data_is_reported_and_skipped(loader_cls, tmp_path):
+    ds = _dataset_with_a_corrupt_scan(tmp_path)
+    assert len(ds.records) == 4  # its header is fine: only decoding shows the damage
+    loader = loader_cls(ds, batch_size=2, image_size=64, min_scale=0.5, max_scale=1.5, seed=0)
+    seen = set()
+    for _ in range(2):
+        for batch in loader:
+            seen |= {t["image_id"] for t in batch["targets"]}
+    assert 3 not in seen and seen == {0, 1, 2}
+    assert ds.problems.files(P.CORRUPT_IMAGE) == {"badscan.jpg"}
+    assert "corrupt JPEG data" in ds.problems.problems()[0].detail

@@ -4,6 +4,7 @@ resume, a hostile dataset, and the outputs of a run."""
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -84,9 +85,13 @@ def test_kill_at_random_step_then_resume_gives_the_same_losses(tmp_path):
     process.wait()
     before = loss_records(victim)
 
-    run_training(victim, cache, [*common, "train.checkpoint_period=1", "train.resume=auto"])
-    after = loss_records(victim)[len(before):]
-    resumed_at = after[0]["step"] - 1
+    result = run_training(victim, cache, [*common, "train.checkpoint_period=1", "train.resume=auto"])
+    resumed_at = int(re.search(r"resumed from \S*step_(\d{8})", result.stdout).group(1))
+    records = loss_records(victim)
+    # The records after the checkpoint that the killed run wrote are replaced, not repeated.
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert records[:resumed_at] == before[:resumed_at]
+    after = records[resumed_at:]
     assert resumed_at >= kill_after - 1, (kill_after, resumed_at)  # at most the step in flight is lost
     assert len(after) >= 5
     for record in after[:5]:

@@ -30,6 +30,7 @@ import torch
 
 from dimaskdino.data import problems as P
 from dimaskdino.data.coco import CocoDataset
+from dimaskdino.data.jpeg_scan import is_jpeg, jpeg_scan_problem
 from dimaskdino.data.problems import DataProblems
 from dimaskdino.data.transforms import (
     EVAL_PAD_VALUE,
@@ -68,12 +69,12 @@ class _Source:
         self.files: dict[int, list[tuple[int, str]]] = {}  # position -> (index, file) for errors
 
     def _read(self, position: int) -> tuple[PlannedBatch, list[np.ndarray]]:
-        """The plan and its encoded files; a file that became unreadable since loading is
-        reported and replaced (the plan is made again without it)."""
+        """The plan and its encoded files; a file that became unreadable since loading, or a
+        JPEG with corrupt scan data, is reported and replaced (the plan is made again without it)."""
         while True:
             plan = self.planner.plan(position)
             try:
-                return plan, [np.fromfile(s.record.path, dtype=np.uint8) for s in plan.samples]
+                encoded = [np.fromfile(s.record.path, dtype=np.uint8) for s in plan.samples]
             except OSError:
                 gone = [s for s in plan.samples if not os.access(s.record.path, os.R_OK)]
                 if not gone:
@@ -81,6 +82,15 @@ class _Source:
                 for s in gone:
                     self.planner.bad.add(s.index)
                     self.problems.add(P.MISSING_IMAGE, s.record.file_name, f"{s.record.path} unreadable; skipped")
+                continue
+            # libjpeg only warns about corrupt scan data (and decodes garbage): checked here.
+            corrupt = [(s, problem) for s, data in zip(plan.samples, encoded)
+                       if is_jpeg(data) and (problem := jpeg_scan_problem(data)) is not None]
+            if not corrupt:
+                return plan, encoded
+            for s, problem in corrupt:
+                self.planner.bad.add(s.index)
+                self.problems.add(P.CORRUPT_IMAGE, s.record.file_name, f"{problem}; skipped")
 
     def __call__(self):
         plan, encoded = self._read(self.position)

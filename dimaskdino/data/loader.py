@@ -13,6 +13,7 @@ explicitly only, and says so once in the log.
 
 from __future__ import annotations
 
+import io
 import logging
 from typing import Iterator
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from dimaskdino.data import problems as P
 from dimaskdino.data.coco import CocoDataset
+from dimaskdino.data.jpeg_scan import is_jpeg, jpeg_scan_problem
 from dimaskdino.data.problems import DataProblems
 from dimaskdino.data.transforms import (
     BatchPlanner,
@@ -52,12 +54,19 @@ def _report_fallback() -> None:
 
 
 def decode_image(path: str) -> np.ndarray:
-    """RGB uint8 (H, W, 3) with Pillow, EXIF orientation applied (as DALI's decoder does)."""
+    """RGB uint8 (H, W, 3) with Pillow, EXIF orientation applied (as DALI's decoder does).
+    A JPEG with corrupt scan data raises ValueError (see data/jpeg_scan.py)."""
     try:
         from PIL import Image, ImageOps
     except ImportError:
         raise ImportError("the PyTorch fallback loader decodes with Pillow: pip install pillow") from None
-    with Image.open(path) as im:
+    with open(path, "rb") as f:
+        data = f.read()
+    # Pillow (libjpeg) decodes corrupt scan data into garbage pixels without an error.
+    problem = jpeg_scan_problem(data) if is_jpeg(data) else None
+    if problem is not None:
+        raise ValueError(problem)
+    with Image.open(io.BytesIO(data)) as im:
         im = ImageOps.exif_transpose(im)
         return np.array(im.convert("RGB"))
 
