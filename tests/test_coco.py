@@ -74,6 +74,10 @@ def _write(tmp_path, data, images=True) -> str:
         (lambda d: d["images"][1].update(id=5), "images[1].id: duplicate image id 5"),
         (lambda d: d["images"][0].pop("file_name"), "images[0].file_name: missing"),
         (lambda d: d["images"][0].update(height=-3), "images[0].height: expected a positive size"),
+        # Paths that would read outside the image folder.
+        (lambda d: d["images"][1].update(file_name="../b.png"), "images[1].file_name: image id 6: '../b.png' must be"),
+        (lambda d: d["images"][1].update(file_name="sub/../../etc/passwd"), "images[1].file_name: image id 6:"),
+        (lambda d: d["images"][0].update(file_name="/etc/passwd"), "images[0].file_name: image id 5: '/etc/passwd' must"),
         (lambda d: d.pop("annotations"), "annotations: missing"),
         (lambda d: d.update(categories=[]), "categories: empty"),
         (lambda d: d["categories"].append({"id": 7, "name": "again"}), "categories: duplicate category id 7"),

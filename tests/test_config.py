@@ -179,3 +179,38 @@ def test_every_field_can_be_overridden_with_its_own_value():
         text = "(" + ",".join(repr(v) for v in value) + ")" if isinstance(value, tuple) else str(value)
         overrides.append(f"{key}={text}")
     assert apply_overrides(cfg, overrides) == cfg
+
+
+def test_every_numeric_train_field_is_validated():
+    """Each int/float train field has a bound (log_period=0 once crashed with ZeroDivisionError
+    after the first step); the error names the key."""
+    import typing
+
+    from dimaskdino.config import _TRAIN_BOUNDS, TrainConfig
+
+    numeric = {name for name, kind in typing.get_type_hints(TrainConfig).items() if kind in (int, float)}
+    assert numeric <= set(_TRAIN_BOUNDS), numeric - set(_TRAIN_BOUNDS)
+    cfg = get_preset("demo")
+    for key, bad in [("log_period", "0"), ("lr", "0"), ("lr", "-1e-4"), ("batch_size", "0"), ("clip_grad_norm", "0"),
+                     ("max_bad_steps", "0"), ("epochs", "0"), ("eval_batch_size", "0"), ("warmup_iters", "-1"),
+                     ("keep_checkpoints", "-1"), ("lr", "nan"), ("weight_decay", "inf"), ("lr_drop_epochs", "(-1)")]:
+        with pytest.raises(ValueError, match=f"train.{key} must be"):
+            apply_overrides(cfg, [f"train.{key}={bad}"])
+    with pytest.raises(ValueError, match="loss.dice_weight must be finite"):
+        apply_overrides(cfg, ["loss.dice_weight=nan"])
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(KeyError, match=r"did you mean 'train.log_period'\?"):
+        apply_overrides(get_preset("demo"), ["train.log_perod=5"])
+    with pytest.raises(KeyError, match=r"did you mean 'model.di.num_first_selection'\?"):
+        apply_overrides(get_preset("demo"), ["model.di.num_first_selektion=5"])
+    with pytest.raises(KeyError) as error:
+        apply_overrides(get_preset("demo"), ["train.zzzz=5"])
+    assert "did you mean" not in str(error.value)
+
+
+def test_validation_error_is_one_line():
+    with pytest.raises(ValueError) as error:
+        apply_overrides(get_preset("demo"), ["train.log_period=0", "model.hidden_dim=33"])
+    assert "\n" not in str(error.value) and "train.log_period" in str(error.value) and "model.hidden_dim" in str(error.value)
