@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <vector>
@@ -26,11 +27,14 @@ enum Result : int64_t {
   kNotChecked = -1,
 };
 
+constexpr int kLookupBits = 9;  // codes up to this length decode with one table lookup
+
 struct HuffmanTable {
   bool defined = false;
-  std::array<int32_t, 17> maxcode{};  // largest code of each length, -1 when none
+  std::array<int32_t, 18> maxcode{};  // largest code of each length, -1 when none
   std::array<int32_t, 17> valptr{};   // index into values of the first code of each length
   std::array<int32_t, 17> mincode{};
+  std::array<uint16_t, 1 << kLookupBits> lookup{};  // (length << 8 | symbol), 0 = longer code
   std::vector<uint8_t> values;
 };
 
@@ -39,71 +43,100 @@ struct Component {
   int dc_table = 0, ac_table = 0;
 };
 
+// Bits of the entropy-coded data, MSB first, with 0xFF 0x00 unstuffed. At a marker (or the end
+// of the file) the data ends: reading past it fails (libjpeg pads with zeros and warns).
 class BitReader {
  public:
   BitReader(const uint8_t* data, size_t size, size_t pos) : data_(data), size_(size), pos_(pos) {}
 
-  // Next bit, or -1 past the end of the entropy-coded data (a marker or the end of the file).
-  int bit() {
-    if (count_ == 0) {
-      if (pos_ >= size_) return -1;
-      uint8_t byte = data_[pos_];
-      if (byte == 0xFF) {
-        if (pos_ + 1 >= size_) return -1;
-        if (data_[pos_ + 1] != 0x00) return -1;  // a marker: the data segment ends here
-        pos_ += 2;
-      } else {
-        pos_ += 1;
-      }
-      buffer_ = byte;
-      count_ = 8;
-    }
-    --count_;
-    return (buffer_ >> count_) & 1;
+  // The next n (1..16) bits, zero-padded past the end of the data.
+  uint32_t peek(int n) {
+    if (count_ < n) refill();
+    const uint64_t bits = count_ >= n ? buffer_ >> (count_ - n) : buffer_ << (n - count_);
+    return static_cast<uint32_t>(bits) & ((1u << n) - 1);
   }
 
-  // Reads n bits; false past the end.
-  bool skip(int n) {
-    for (int i = 0; i < n; ++i)
-      if (bit() < 0) return false;
+  // Consumes n bits; false when the data ends before them.
+  bool consume(int n) {
+    if (count_ < n) refill();
+    if (count_ < n) return false;
+    count_ -= n;
     return true;
   }
 
-  void align() { count_ = 0; }  // the rest of the byte is padding
-  size_t pos() const { return pos_; }
-  void set_pos(size_t pos) { pos_ = pos; count_ = 0; }
+  void align() { count_ -= count_ % 8; }  // the rest of the current byte is padding
+
+  // After align(): the first byte of the data not consumed.
+  size_t pos() const {
+    const int bytes = count_ / 8;
+    const uint32_t mask = bytes >= 32 ? 0xFFFFFFFFu : ((1u << bytes) - 1);
+    return pos_ - bytes - __builtin_popcount(stuffed_ & mask);
+  }
+
+  void set_pos(size_t pos) {
+    pos_ = pos;
+    count_ = 0;
+    stuffed_ = 0;
+    ended_ = false;
+  }
 
  private:
+  void refill() {
+    while (count_ <= 56 && !ended_) {
+      if (pos_ >= size_) {
+        ended_ = true;
+        break;
+      }
+      const uint8_t byte = data_[pos_];
+      bool stuffed = false;
+      if (byte == 0xFF) {
+        if (pos_ + 1 >= size_ || data_[pos_ + 1] != 0x00) {
+          ended_ = true;  // a marker: the data segment ends here
+          break;
+        }
+        stuffed = true;
+      }
+      pos_ += stuffed ? 2 : 1;
+      stuffed_ = (stuffed_ << 1) | (stuffed ? 1u : 0u);  // one bit per buffered byte, newest lowest
+      buffer_ = (buffer_ << 8) | byte;
+      count_ += 8;
+    }
+  }
+
   const uint8_t* data_;
   size_t size_, pos_;
-  uint32_t buffer_ = 0;
+  uint64_t buffer_ = 0;
   int count_ = 0;
+  uint32_t stuffed_ = 0;
+  bool ended_ = false;
 };
 
 // Decodes one Huffman symbol: >= 0, or -1 past the end, -2 for a code not in the table.
 int decode(BitReader& bits, const HuffmanTable& table) {
-  int32_t code = 0;
-  for (int length = 1; length <= 16; ++length) {
-    int b = bits.bit();
-    if (b < 0) return -1;
-    code = (code << 1) | b;
-    if (table.maxcode[length] >= 0 && code <= table.maxcode[length] && code >= table.mincode[length])
-      return table.values[table.valptr[length] + code - table.mincode[length]];
+  uint32_t look = bits.peek(kLookupBits);
+  uint16_t entry = table.lookup[look];
+  if (entry != 0) return bits.consume(entry >> 8) ? (entry & 0xFF) : -1;
+  uint32_t code = bits.peek(16);
+  for (int length = kLookupBits + 1; length <= 16; ++length) {
+    int32_t c = static_cast<int32_t>(code >> (16 - length));
+    if (table.maxcode[length] >= 0 && c <= table.maxcode[length] && c >= table.mincode[length])
+      return bits.consume(length) ? table.values[table.valptr[length] + c - table.mincode[length]] : -1;
   }
-  return -2;
+  // Not a code; past the end, the zero padding may be what made it so.
+  return bits.consume(16) ? -2 : -1;
 }
 
 int64_t decode_block(BitReader& bits, const HuffmanTable& dc, const HuffmanTable& ac) {
   int s = decode(bits, dc);
   if (s < 0) return s == -1 ? kPrematureEnd : kBadHuffmanCode;
-  if (!bits.skip(s)) return kPrematureEnd;
+  if (s > 16 || !bits.consume(s)) return s > 16 ? kBadHuffmanCode : kPrematureEnd;
   for (int k = 1; k < 64; ++k) {
     int rs = decode(bits, ac);
     if (rs < 0) return rs == -1 ? kPrematureEnd : kBadHuffmanCode;
     int r = rs >> 4, size = rs & 15;
     if (size) {
       k += r;
-      if (!bits.skip(size)) return kPrematureEnd;
+      if (!bits.consume(size)) return kPrematureEnd;
     } else {
       if (r != 15) break;  // end of block
       k += 15;
@@ -134,6 +167,14 @@ bool parse_dht(const uint8_t* p, size_t length, std::array<HuffmanTable, 8>& tab
       index += counts[l];
       t.maxcode[l] = counts[l] ? code - 1 : -1;
       code <<= 1;
+    }
+    t.lookup.fill(0);
+    for (int l = 1; l <= kLookupBits; ++l) {
+      for (int32_t c = t.mincode[l]; c <= t.maxcode[l]; ++c) {
+        uint16_t entry = static_cast<uint16_t>(l << 8 | t.values[t.valptr[l] + c - t.mincode[l]]);
+        int shift = kLookupBits - l;
+        for (int32_t fill = 0; fill < (1 << shift); ++fill) t.lookup[(c << shift) | fill] = entry;
+      }
     }
     t.defined = true;
     i += 17 + total;
