@@ -480,6 +480,11 @@ def test_jpeg_scan_check_finds_what_libjpeg_only_warns_about():
     for how in ("zeros", "flip", "cut"):
         assert jpeg_scan_problem(_corrupt_scan(data, how)) is not None, how
     assert jpeg_scan_problem(_jpeg_bytes(rng, 96, 128, progressive=True)) is None  # not checked
+    restarts = _jpeg_bytes(rng, 96, 128, quality=90, restart_marker_blocks=5)
+    assert b"\xff\xdd" in restarts and jpeg_scan_problem(restarts) is None
+    damaged = bytearray(restarts)
+    damaged[damaged.index(b"\xff\xd1") + 1] = 0xD3  # restart markers out of order
+    assert "restart marker" in jpeg_scan_problem(bytes(damaged))
 
 
 def _dataset_with_a_corrupt_scan(root):
