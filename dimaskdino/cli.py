@@ -90,7 +90,14 @@ def run_cli(main_fn: Callable[[], int | None]) -> int:
         if debug_enabled():
             traceback.print_exc()
         _report(f"error: {error_message(error)}")
-        return getattr(error, "exit_code", EXIT_BAD_INPUT)
+        code = getattr(error, "exit_code", EXIT_BAD_INPUT)
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            # A torchrun worker leaves at once (no interpreter teardown of loader threads), so
+            # that torchrun stops the other ranks before their grace period ends.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return 130

@@ -58,8 +58,9 @@ class _Pending:
 class NonFiniteGuard:
     """Counts skipped steps and stops the run after `max_bad_steps` in a row."""
 
-    def __init__(self, max_bad_steps: int, skipped_before: int = 0):
+    def __init__(self, max_bad_steps: int, skipped_before: int = 0, report: bool = True):
         self.max_bad_steps = max_bad_steps
+        self.report = report  # log each skipped step (rank 0: all ranks skip the same steps)
         self.skipped = skipped_before  # over the whole run, resumed runs included
         self.consecutive = 0
         self.last_checkpoint: Path | None = None  # set by the trainer after each save / resume
@@ -95,8 +96,9 @@ class NonFiniteGuard:
             return
         self.skipped += 1
         self.consecutive += 1
-        logger.warning("step %d: loss %s, gradient norm %s: step skipped (%d in a row; the run stops at %d)",
-                       step, _fmt(loss), _fmt(grad_norm), self.consecutive, self.max_bad_steps)
+        if self.report:
+            logger.warning("step %d: loss %s, gradient norm %s: step skipped (%d in a row; the run stops at %d)",
+                           step, _fmt(loss), _fmt(grad_norm), self.consecutive, self.max_bad_steps)
         if self.consecutive >= self.max_bad_steps:
             checkpoint = (f"the last checkpoint, with finite weights, is {self.last_checkpoint} (resume from it with "
                           f"a lower train.lr)") if self.last_checkpoint is not None else "no checkpoint was written"

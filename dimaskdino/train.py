@@ -483,7 +483,7 @@ def train(cfg: Config) -> dict:
     step = position.step
     run_log = RunLog(t.output_dir, info.is_main, total_steps, step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    guard = NonFiniteGuard(cfg.train.max_bad_steps, skipped_before=position.skipped_steps)
+    guard = NonFiniteGuard(cfg.train.max_bad_steps, skipped_before=position.skipped_steps, report=info.is_main)
     guard.last_checkpoint = position.checkpoint
 
     metrics: dict = {}

@@ -101,6 +101,19 @@ def test_truncated_shard_is_skipped_by_resume(tmp_path):
         f"the manifest says {json.loads((newest / 'manifest.json').read_text())['files'][shard.name]['size']}"]
 
 
+def test_diverging_run_under_fsdp_stops_on_every_rank_together(tmp_path):
+    """2 processes: every rank skips the same steps (the flag is reduced over ranks) and stops at
+    the same step; the message appears once."""
+    result = run(train_command(tmp_path / "run", tmp_path / "cache", [
+        "train.lr=1e3", "train.warmup_iters=0", "train.max_steps=12", "train.checkpoint_period=0",
+        "train.max_bad_steps=2"], nproc=2))
+    ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
+    assert len(ours) == 1 and re.match(r"error: step \d+: 2 consecutive steps", ours[0]), result.stderr[-3000:]
+    assert "exitcode  : 3" in result.stderr and "no checkpoint was written" in ours[0]
+    skipped = [line for line in result.stdout.splitlines() if "step skipped" in line]
+    assert len(skipped) == 2, skipped  # reported by rank 0 only
+
+
 @pytest.fixture(scope="module")
 def bad_json(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("bad") / "broken.json"
