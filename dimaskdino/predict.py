@@ -32,6 +32,7 @@ from dimaskdino.config import TrainConfig
 from dimaskdino.data.loader import decode_image, render_image
 from dimaskdino.data.transforms import EVAL_PAD_VALUE, eval_geometry, pad_fill, padded_size
 from dimaskdino.evaluate import (
+    CHECKPOINT_HELP,
     autocast_for,
     default_device,
     eval_mode,
@@ -174,7 +175,8 @@ def predict_files(
     log=print,
 ) -> PredictionRun:
     """Predict every file; write predictions.json and one overlay PNG per image to output_dir.
-    Files that cannot be read or decoded are logged and listed in `failures`."""
+    Files that cannot be read or decoded are logged and listed in `failures`; when none could be
+    predicted, predictions.json is not written (an earlier one stays)."""
     os.makedirs(output_dir, exist_ok=True)
     run, taken = PredictionRun(), set()
     for image_id, path in enumerate(paths, start=1):
@@ -198,6 +200,9 @@ def predict_files(
         run.overlays.append(overlay_path)
         run.num_predicted += 1
         log(f"{path}: {len(result['scores'])} detections -> {overlay_path}")
+    if run.num_predicted == 0:  # keep an earlier predictions.json rather than replace it by []
+        log(f"error: no image could be predicted; {os.path.join(output_dir, 'predictions.json')} not written")
+        return run
     with open(os.path.join(output_dir, "predictions.json"), "w") as f:
         json.dump(run.results, f)
     return run
@@ -218,8 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dimaskdino.predict",
                                      description="Predict boxes and masks for images with a checkpoint.")
     parser.add_argument("--checkpoint", default=TrainConfig.output_dir,
-                        help="checkpoint directory, or a training output directory (its latest checkpoint); "
-                             f"default: {TrainConfig.output_dir}, where `torchrun -m dimaskdino.train` writes")
+                        help=CHECKPOINT_HELP)
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     parser.add_argument("--output", default="predictions", help="output folder (default: ./predictions)")
     parser.add_argument("--score-threshold", type=float, default=0.3,
@@ -246,10 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         score_threshold=args.score_threshold, top_k=args.top_k,
         log=lambda message: print(message, file=sys.stderr if message.startswith("error") else sys.stdout),
     )
+    if run.num_predicted == 0:
+        return 1
     skipped = f" ({len(run.failures)} skipped)" if run.failures else ""
     print(f"{run.num_predicted} of {len(paths)} images predicted{skipped}, {len(run.results)} detections -> "
           f"{os.path.join(args.output, 'predictions.json')}")
-    return 0 if run.num_predicted > 0 else 1
+    return 0
 
 
 if __name__ == "__main__":

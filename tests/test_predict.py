@@ -3,6 +3,7 @@ tiny model, the command line on a real checkpoint of it, and the pictures."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -255,3 +256,86 @@ def test_predict_records_feed_the_overlay_grid_with_class_names(tiny, tmp_path, 
     assert drawn == [CATEGORIES.names, CATEGORIES.names]
     with Image.open(path) as im:
         assert (im.width, im.height) == (2 * 96 + 4, 64)
+
+
+def test_cli_keeps_an_earlier_predictions_json_when_every_input_is_bad(checkpoint, image_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predictions.json").write_text('[{"earlier": true}]')
+    code = main(["--checkpoint", checkpoint, str(image_files / "corrupt.jpg"), "--output", str(out), "--device", "cpu"])
+    assert code == 1
+    assert (out / "predictions.json").read_text() == '[{"earlier": true}]'
+    assert "not written" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe weights (dimaskdino.export)
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def no_unpickling(calls: list):
+    """Every way of unpickling (pickle.load / loads / Unpickler, torch.load) raises inside the
+    block; the attempts are appended to `calls`."""
+    import pickle
+
+    def forbidden(name):
+        def guard(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} called: unpickling while loading")
+        return guard
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("load", "loads", "Unpickler"):
+            patch.setattr(pickle, name, forbidden(f"pickle.{name}"))
+        patch.setattr(torch, "load", forbidden("torch.load"))
+        yield
+
+
+def test_safetensors_export_loads_in_predict_without_pickle(checkpoint, image_files, tmp_path, capsys):
+    from dimaskdino.export import main as export_main
+
+    exported = tmp_path / "weights.safetensors"
+    assert export_main([checkpoint, str(exported)]) == 0  # reads the (trusted) DCP checkpoint
+    common = [str(image_files / "photo.jpg"), "--score-threshold", "0", "--device", "cpu", "--top-k", "5"]
+    assert main(["--checkpoint", checkpoint, "--output", str(tmp_path / "dcp"), *common]) == 0
+
+    calls = []
+    with no_unpickling(calls):
+        assert main(["--checkpoint", str(exported), "--output", str(tmp_path / "safe"), *common]) == 0
+    assert calls == []
+    with no_unpickling(calls), pytest.raises(BaseException):  # the guard does catch DCP's unpickling
+        main(["--checkpoint", checkpoint, "--output", str(tmp_path / "guarded"), *common])
+    assert "pickle.load" in calls
+
+    safe = json.loads((tmp_path / "safe" / "predictions.json").read_text())
+    assert len(safe) == 5 and safe == json.loads((tmp_path / "dcp" / "predictions.json").read_text())
+
+
+def test_safetensors_export_refuses_and_rejects_bad_files(checkpoint, tmp_path):
+    from safetensors.torch import save_file
+
+    from dimaskdino.export import export_safetensors, load_safetensors_for_inference
+
+    with pytest.raises(ValueError, match="must end in .safetensors"):
+        export_safetensors(checkpoint, tmp_path / "weights.pt")
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(ValueError, match="foreign.safetensors: safetensors metadata format"):
+        load_safetensors_for_inference(foreign)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="garbage.safetensors: not a readable safetensors file"):
+        load_safetensors_for_inference(garbage)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_safetensors_for_inference(tmp_path / "missing.safetensors")
+    # Weights that do not fit the model of the metadata's config: the error names the file.
+    good = tmp_path / "good.safetensors"
+    export_safetensors(checkpoint, good)
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as f:
+        metadata = f.metadata()
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "mismatch.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match="mismatch.safetensors: weights do not match"):
+        load_safetensors_for_inference(tmp_path / "mismatch.safetensors")
