@@ -29,6 +29,7 @@ MASK_ALPHA = 0.5
 OUTLINE_WIDTH = 2
 SAME_CLASS_IOU = 0.5  # a second detection of one class over the same object: hidden
 ANY_CLASS_IOU = 0.8  # the same object named by two classes: only the higher score is drawn
+SAME_CLASS_INSIDE = 0.8  # a part of an object detected again in its class: hidden
 MAX_PER_IMAGE = 10
 MIN_SCORE = 0.05  # never drawn below this, whatever the distribution says
 GRID_CELL = 384  # grid pictures are scaled so that their long side is this many pixels
@@ -85,8 +86,9 @@ def _font_size(width: int, height: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def pairwise_iou(masks: np.ndarray | None, boxes: np.ndarray) -> np.ndarray:
-    """(n, n) IoU of the masks (boxes when masks is None)."""
+def pairwise_overlaps(masks: np.ndarray | None, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, n) IoU and intersection over the smaller area of the masks (of the boxes when masks
+    is None)."""
     if masks is not None:
         flat = masks.reshape(len(masks), masks[0].size if len(masks) else 0).astype(np.float32)
         inter = flat @ flat.T
@@ -98,20 +100,27 @@ def pairwise_iou(masks: np.ndarray | None, boxes: np.ndarray) -> np.ndarray:
         inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
         area = np.prod(np.clip(boxes[:, 2:] - boxes[:, :2], 0, None), axis=1)
     union = area[:, None] + area[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    smaller = np.minimum(area[:, None], area[None, :])
+    iou = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    inside = np.where(smaller > 0, inter / np.maximum(smaller, 1e-12), 0.0)
+    return iou, inside
 
 
 def remove_duplicates(masks, boxes, labels, scores, same_class_iou: float = SAME_CLASS_IOU,
-                      any_class_iou: float = ANY_CLASS_IOU) -> np.ndarray:
-    """Indices to draw, highest score first: greedy mask NMS (box IoU without masks) that hides a
-    detection overlapping a kept one of its class by more than same_class_iou, or of any class by
-    more than any_class_iou. For pictures only: evaluation keeps every detection."""
+                      any_class_iou: float = ANY_CLASS_IOU, same_class_inside: float = SAME_CLASS_INSIDE) -> np.ndarray:
+    """Indices to draw, highest score first: greedy mask NMS (box overlaps without masks) that
+    hides a detection overlapping a kept one of its class by IoU > same_class_iou or lying within
+    it (or it within the detection) by > same_class_inside of the smaller area (a partial
+    detection of the same object), or overlapping a kept one of any class by IoU > any_class_iou.
+    For pictures only: evaluation keeps every detection."""
     labels, scores = _numpy(labels).reshape(-1), _numpy(scores).reshape(-1)
-    iou = pairwise_iou(None if masks is None else _numpy(masks).astype(bool), _numpy(boxes).reshape(-1, 4))
+    iou, inside = pairwise_overlaps(None if masks is None else _numpy(masks).astype(bool),
+                                    _numpy(boxes).reshape(-1, 4))
     kept: list[int] = []
     for i in np.argsort(-scores, kind="stable"):
-        limits = [same_class_iou if labels[j] == labels[i] else any_class_iou for j in kept]
-        if all(iou[i, j] <= limit for j, limit in zip(kept, limits)):
+        duplicate = any(iou[i, j] > any_class_iou or (labels[j] == labels[i] and (
+            iou[i, j] > same_class_iou or inside[i, j] > same_class_inside)) for j in kept)
+        if not duplicate:
             kept.append(int(i))
     return np.asarray(kept, dtype=np.int64)
 
@@ -144,8 +153,9 @@ class DisplayChoice:
 
     def describe(self) -> str:
         how = "chosen from the scores" if self.automatic else "given"
-        return (f"shown: score >= {self.threshold:.2f} ({how}), top {self.max_per_image} per image, duplicates "
-                f"hidden (mask IoU > {SAME_CLASS_IOU:g} same class, > {ANY_CLASS_IOU:g} any class); label: class score")
+        return (f"shown: score >= {self.threshold:.2f} ({how}), top {self.max_per_image} per image; hidden as "
+                f"duplicates: mask IoU > {SAME_CLASS_IOU:g} (or {SAME_CLASS_INSIDE:.0%} inside) with a higher score "
+                f"of the same class, > {ANY_CLASS_IOU:g} of any class; label: class score")
 
 
 def select_for_display(predictions: Sequence[dict], score_threshold: float | None = None,

@@ -314,20 +314,26 @@ def test_labels_never_overlap_and_stay_inside_the_image():
 
 
 def test_duplicates_are_hidden_for_display():
-    masks = np.zeros((5, 40, 40), dtype=bool)
+    masks = np.zeros((6, 40, 40), dtype=bool)
     masks[0, 0:20, 0:20] = True  # object A
     masks[1, 0:20, 0:19] = True  # A again, same class, lower score: hidden
     masks[2, 0:20, 0:18] = True  # A named by another class (IoU 0.9): hidden
     masks[3, 0:20, 0:12] = True  # another class, IoU 0.6 with A: kept (could be a different object)
     masks[4, 25:35, 25:35] = True  # object B, same class as A: kept
-    labels = np.array([1, 1, 2, 3, 1])
-    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
-    boxes = np.array([[0, 0, 20, 20], [0, 0, 19, 20], [0, 0, 18, 20], [0, 0, 12, 20], [25, 25, 35, 35]], dtype=float)
+    masks[5, 0:10, 0:10] = True  # a part of A in A's class (IoU 0.25, all inside A): hidden
+    labels = np.array([1, 1, 2, 3, 1, 1])
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    boxes = np.array([[0, 0, 20, 20], [0, 0, 19, 20], [0, 0, 18, 20], [0, 0, 12, 20], [25, 25, 35, 35],
+                      [0, 0, 10, 10]], dtype=float)
     assert remove_duplicates(masks, boxes, labels, scores).tolist() == [0, 3, 4]
-    # Highest score first whatever the input order; box IoU without masks.
-    order = np.array([4, 3, 2, 1, 0])
-    assert remove_duplicates(masks[order], boxes[order], labels[order], scores[order]).tolist() == [4, 1, 0]
+    # Highest score first whatever the input order; box overlaps without masks.
+    order = np.array([5, 4, 3, 2, 1, 0])
+    assert remove_duplicates(masks[order], boxes[order], labels[order], scores[order]).tolist() == [5, 2, 1]
     assert remove_duplicates(None, boxes, labels, scores).tolist() == [0, 3, 4]
+    # A small object of the class inside a large one is hidden only when mostly inside it.
+    masks[5] = False
+    masks[5, 15:25, 15:25] = True  # a quarter inside A
+    assert remove_duplicates(masks, boxes, labels, scores).tolist() == [0, 3, 4, 5]
 
 
 def test_threshold_is_chosen_between_objects_and_background():
