@@ -30,9 +30,10 @@ def git_commit() -> str:
 
 
 def git_dirty() -> bool | None:
-    """True when tracked files differ from the commit (untracked files do not count: results
-    written by the run itself must not make it dirty). None outside a git checkout."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    """True when tracked files differ from the commit (untracked files do not count, nor do the
+    committed results under benchmarks/results/: results written by the runs themselves must not
+    make the tree dirty for the next script). None outside a git checkout."""
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
     return None if status is None else bool(status)
 
 
@@ -42,6 +43,18 @@ def device_description(device=None) -> str:
     if device is not None and torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def device_slug(device=None) -> str:
+    """Result file prefix: "cpu", or the GPU's name ("h200") for a CUDA device (default: the
+    first GPU when there is one)."""
+    import torch
+
+    if device is None and torch.cuda.is_available():
+        device = "cuda"
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device).lower().replace("nvidia ", "").replace(" ", "-")
+    return "cpu"
 
 
 def versions() -> dict:

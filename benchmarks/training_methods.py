@@ -1,22 +1,24 @@
 """The SPEC section 6 training switches, each off/on: step time, peak memory and COCO AP.
 
-    python benchmarks/training_methods.py step            # step time + peak memory per switch
-    python benchmarks/training_methods.py ap [--epochs 4] # a training run per switch, then AP
+    python benchmarks/training_methods.py step --out DIR [--repeats 3]      # step time + memory
+    python benchmarks/training_methods.py ap --out DIR [--epochs 4] [--seed 0] [--only off ...]
 
 `step`: the demo model on a fixed batch of the embedded dataset (real LSJ batches from the loader),
-forward + losses + backward + optimizer step, median of `--steps` after `--warmup`; each switch
-runs in a fresh process, so "peak memory" is that process's peak resident set (CPU) or
-torch.cuda.max_memory_allocated (GPU). `ap`: `python -m dimaskdino.train` with the demo preset, the
-same seed, steps and data for every switch (only the switch differs), then its metrics.json.
-Results: benchmarks/results/<device>-training-methods-{step,ap}.json and a markdown table.
+forward + losses + backward + optimizer step, median of `--steps` after `--warmup`, in a fresh
+process per switch and repeat (switches interleaved, so drift in the machine's load spreads over
+all of them); "peak memory" is that process's peak resident set (CPU) or
+torch.cuda.max_memory_allocated (GPU). The step time of a switch is the median over repeats with
+min/max, and an overhead whose min/max range includes zero is marked not significant. `ap`:
+`python -m dimaskdino.train` with the demo preset, the same seed, steps and data for every switch
+(only the switch differs), then its metrics.json. Results: DIR/<device>-training-methods-{step,ap}.json
+(written with benchmarks/provenance.py) and a markdown table; `--quick` is a seconds-long smoke
+run of the same code (CI).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -25,7 +27,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+from benchmarks.provenance import device_slug, write_result  # noqa: E402
+from benchmarks.spread import compare, format_overhead, summarize  # noqa: E402
+
+SCRATCH = ROOT / "outputs" / "benchmarks"  # a plain run never writes over benchmarks/results
+# --quick: a tiny synthetic set of its own (so it neither needs nor touches the demo's cache).
+QUICK_DATA = ["data.synthetic_train=4", "data.synthetic_val=2", "train.num_picture_images=1"]
 
 SWITCHES: dict[str, list[str]] = {
     "off": [],
@@ -34,29 +42,6 @@ SWITCHES: dict[str, list[str]] = {
     "inter_scene": ["train.inter_scene=true"],
     "equivariance": ["train.equivariance=true"],
 }
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{os.cpu_count()}-core {platform.machine()} CPU"
-
-
-def device_slug() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0).lower().replace("nvidia ", "").replace(" ", "-")
-    return "cpu"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,27 +105,49 @@ def measure_one(overrides: list[str], steps: int, warmup: int) -> dict:
             "num_loss_terms": len(losses), "steps": steps, "warmup": warmup}
 
 
+def selected(args) -> list[str]:
+    return args.only or list(SWITCHES)
+
+
+def quick_overrides(args) -> list[str]:
+    return [*QUICK_DATA, f"data.cache_dir={Path(args.out) / 'quick-cache'}"] if args.quick else []
+
+
 def run_step(args) -> None:
+    names = selected(args)
+    samples: dict[str, list[dict]] = {name: [] for name in names}
+    for repeat in range(args.repeats):
+        for name in names:  # interleaved: each repeat measures every switch once
+            command = [sys.executable, __file__, "_one", "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--", *SWITCHES[name], *quick_overrides(args)]
+            result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            if result.returncode != 0:
+                raise SystemExit(f"{name}: {' '.join(command)} failed:\n{result.stderr[-4000:]}")
+            samples[name].append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(f"repeat {repeat + 1}/{args.repeats} {name:28s} {samples[name][-1]['median_step_s'] * 1e3:8.1f} ms/step  "
+                  f"peak {samples[name][-1]['peak_memory_bytes'] / 2**20:8.0f} MiB", flush=True)
+    base = "off" if "off" in names else names[0]
     rows = {}
-    for name, overrides in SWITCHES.items():
-        command = [sys.executable, __file__, "_one", "--steps", str(args.steps), "--warmup", str(args.warmup), "--",
-                   *overrides]
-        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        if result.returncode != 0:
-            raise SystemExit(f"{name}: {' '.join(command)} failed:\n{result.stderr[-4000:]}")
-        rows[name] = json.loads(result.stdout.strip().splitlines()[-1])
-        print(f"{name:28s} {rows[name]['median_step_s'] * 1e3:8.1f} ms/step  peak {rows[name]['peak_memory_bytes'] / 2**20:8.0f} MiB",
-              flush=True)
-    base = rows["off"]
-    for row in rows.values():
-        row["step_time_overhead"] = row["median_step_s"] / base["median_step_s"] - 1
-        row["memory_overhead"] = row["peak_memory_bytes"] / base["peak_memory_bytes"] - 1
-    write("step", {"command": "python benchmarks/training_methods.py step " + " ".join(sys.argv[2:]),
-                   "preset": "demo", "batch_size": 2, "rows": rows})
-    print("\n| switch | step time | overhead | peak memory | overhead |\n|---|---|---|---|---|")
+    for name, runs in samples.items():
+        times = [run["median_step_s"] for run in runs]
+        memory = [run["peak_memory_bytes"] for run in runs]
+        rows[name] = {"step_s": summarize(times), "peak_memory_bytes": summarize(memory),
+                      "memory_kind": runs[0]["memory_kind"], "num_loss_terms": runs[0]["num_loss_terms"],
+                      "step_time_vs_" + base: compare([r["median_step_s"] for r in samples[base]], times),
+                      "memory_vs_" + base: compare([r["peak_memory_bytes"] for r in samples[base]], memory)}
+    path = write_result(args.out, f"{device_slug()}-training-methods-step.json", {
+        "preset": "demo", "batch_size": 2, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+        "quick": args.quick, "baseline": base,
+        "method": "each repeat runs every switch in a fresh process; a sample is that process's median step time; "
+                  "overhead = ratio of medians with the min/max range over sample pairs",
+        "rows": rows})
+    print(f"\nwritten {path}\n| switch | step time (median, min-max of {args.repeats}) | overhead | peak memory | overhead |"
+          "\n|---|---|---|---|---|")
     for name, row in rows.items():
-        print(f"| {name} | {row['median_step_s'] * 1e3:.0f} ms | {row['step_time_overhead']:+.0%} | "
-              f"{row['peak_memory_bytes'] / 2**20:.0f} MiB | {row['memory_overhead']:+.0%} |")
+        step, memory = row["step_s"], row["peak_memory_bytes"]
+        overheads = ["", ""] if name == base else [format_overhead(row[f"{kind}_vs_{base}"]) for kind in ("step_time", "memory")]
+        print(f"| {name} | {step['median'] * 1e3:.0f} ms ({step['min'] * 1e3:.0f}-{step['max'] * 1e3:.0f}) | "
+              f"{overheads[0]} | {memory['median'] / 2**20:,.0f} MiB | {overheads[1]} |")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,12 +156,13 @@ def run_step(args) -> None:
 
 def run_ap(args) -> None:
     rows = {}
-    names = args.only or list(SWITCHES)
-    for name in names:
+    for name in selected(args):
         output = Path(args.output_root) / name.replace(" ", "_").replace(",", "-").replace("+", "plus")
         command = [sys.executable, "-m", "dimaskdino.train", f"train.output_dir={output}", "train.resume=",
                    f"train.epochs={args.epochs}", f"train.lr_drop_epochs=({args.epochs * 0.85:.3f},)",
                    "train.checkpoint_period=0", f"train.seed={args.seed}", *SWITCHES[name]]
+        if args.quick:
+            command += ["train.max_steps=2", *quick_overrides(args)]
         start = time.time()
         result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if result.returncode != 0:
@@ -164,45 +172,49 @@ def run_ap(args) -> None:
                       **{k: metrics[k] for k in ("segm/AP", "segm/AP50", "bbox/AP", "bbox/AP50")}}
         print(f"{name:28s} segm AP {rows[name]['segm/AP']:.3f}  bbox AP {rows[name]['bbox/AP']:.3f}  "
               f"({rows[name]['wall_clock_s'] / 60:.1f} min)", flush=True)
-    path = write(args.tag or "ap", {"command": "python benchmarks/training_methods.py ap " + " ".join(sys.argv[2:]),
-                                    "preset": "demo", "epochs": args.epochs, "seed": args.seed, "rows": rows})
+    path = write_result(args.out, f"{device_slug()}-training-methods-{args.tag or 'ap'}.json", {
+        "preset": "demo", "epochs": args.epochs, "seed": args.seed, "quick": args.quick,
+        "note": "one training run per switch; the run-to-run spread is measured by repeating 'off' with another "
+                "seed (--seed 1 --only off --tag ap-seed1-off)",
+        "rows": rows})
     print(f"\nwritten {path}\n| switch | segm AP | bbox AP | steps | wall clock |\n|---|---|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['segm/AP']:.3f} | {row['bbox/AP']:.3f} | {row['steps']} | {row['wall_clock_s'] / 60:.1f} min |")
 
 
-def write(kind: str, payload: dict) -> Path:
-    import torch
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{device_slug()}-training-methods-{kind}.json"
-    payload = {"device": device_name(), "torch": torch.__version__, "git_commit": git_commit(), **payload}
-    path.write_text(json.dumps(payload, indent=1) + "\n")
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
-    step = sub.add_parser("step")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", default=str(SCRATCH), help=f"result folder (default {SCRATCH.relative_to(ROOT)})")
+    common.add_argument("--only", nargs="*", choices=list(SWITCHES), help="these switches only")
+    common.add_argument("--quick", action="store_true", help="a seconds-long smoke run (CI), not a measurement")
+    step = sub.add_parser("step", parents=[common])
     step.add_argument("--steps", type=int, default=10)
     step.add_argument("--warmup", type=int, default=3)
+    step.add_argument("--repeats", type=int, default=3, help="fresh processes per switch")
     one = sub.add_parser("_one")  # internal: one switch in a fresh process
     one.add_argument("--steps", type=int, default=10)
     one.add_argument("--warmup", type=int, default=3)
     one.add_argument("overrides", nargs="*")
-    ap = sub.add_parser("ap")
+    ap = sub.add_parser("ap", parents=[common])
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--output-root", default="outputs/training-methods")
-    ap.add_argument("--only", nargs="*", choices=list(SWITCHES))
+    ap.add_argument("--output-root", default=None, help="training output folders (default OUT/training-methods-runs)")
     ap.add_argument("--tag", default="", help="result file suffix instead of 'ap' (partial runs)")
     args = parser.parse_args()
     if args.mode == "_one":
         print(json.dumps(measure_one(args.overrides, args.steps, args.warmup)))
-    elif args.mode == "step":
+        return
+    if args.quick and args.mode == "step":
+        args.steps, args.warmup, args.repeats = 1, 0, 1
+    if args.quick:
+        args.only = args.only or ["off"]
+        args.epochs = 1
+    if args.mode == "step":
         run_step(args)
     else:
+        args.output_root = args.output_root or str(Path(args.out) / "training-methods-runs")
         run_ap(args)
 
 

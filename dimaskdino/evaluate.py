@@ -514,11 +514,22 @@ def format_layer_table(metrics: dict[str, float]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_checkpoint_for_inference(path: str, device: torch.device):
-    """(model, cfg, category_map) from `dimaskdino.checkpoint.load_for_inference`: a checkpoint
-    directory, or a training output directory (its latest checkpoint)."""
-    from dimaskdino.checkpoint import load_for_inference
+CHECKPOINT_HELP = (
+    "a .safetensors export (python -m dimaskdino.export: safe to share), a training checkpoint directory, or a "
+    "training output directory (its latest checkpoint; training checkpoints unpickle their .metadata: load them "
+    f"only from trusted sources); default: {TrainConfig.output_dir}, where `torchrun -m dimaskdino.train` writes")
 
+
+def load_checkpoint_for_inference(path: str, device: torch.device):
+    """(model, cfg, category_map) from a `.safetensors` export (`dimaskdino.export`: no pickle
+    involved), or by `dimaskdino.checkpoint.load_for_inference` from a training checkpoint
+    directory or a training output directory (its latest checkpoint); DCP unpickles a training
+    checkpoint's `.metadata`, so those must come from a trusted source."""
+    from dimaskdino.checkpoint import load_for_inference
+    from dimaskdino.export import is_safetensors, load_safetensors_for_inference
+
+    if is_safetensors(path):
+        return load_safetensors_for_inference(path, device)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with warnings.catch_warnings():
@@ -567,8 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m dimaskdino.evaluate",
                                      description="COCO box and mask AP of a checkpoint.")
     parser.add_argument("--checkpoint", default=TrainConfig.output_dir,
-                        help="checkpoint directory, or a training output directory (its latest checkpoint); "
-                             f"default: {TrainConfig.output_dir}, where `torchrun -m dimaskdino.train` writes")
+                        help=CHECKPOINT_HELP)
     parser.add_argument("--data", type=parse_data_argument, default=None, metavar="JSON:IMAGE_DIR",
                         help="COCO json and image folder (default: the validation set of the checkpoint's config)")
     parser.add_argument("--per-layer", action="store_true",

@@ -4,8 +4,10 @@
 
 writes DIR/predictions.json (COCO result format: one entry per detection with "image_id" = the
 image's position among the inputs (1-based), "file_name", "category_id" (the training json's id),
-"category_name", "bbox" xywh, "score", "segmentation" RLE) and DIR/<name>_pred.png per image.
-Only detections with score >= --score-threshold are written (0 keeps all top-k).
+"category_name", "bbox" xywh, "score", "segmentation" RLE) and DIR/<name>_pred.png per image
+(the picture with a legend below it). With --score-threshold only detections with at least that
+score are written and drawn; without it the json keeps every top-k detection and each picture
+chooses its threshold from its scores and hides duplicate detections (dimaskdino.visualize).
 
 Images are decoded with Pillow (JPEG, PNG, grayscale, palette, EXIF orientation) and resized as
 at evaluation (short side cfg.data.test_short_side, long side <= cfg.data.test_max_size, padded to
@@ -33,6 +35,7 @@ from dimaskdino.config import TrainConfig
 from dimaskdino.data.loader import decode_image, render_image
 from dimaskdino.data.transforms import EVAL_PAD_VALUE, eval_geometry, pad_fill, padded_size
 from dimaskdino.evaluate import (
+    CHECKPOINT_HELP,
     autocast_for,
     default_device,
     eval_mode,
@@ -40,7 +43,7 @@ from dimaskdino.evaluate import (
     load_checkpoint_for_inference,
 )
 from dimaskdino.model.postprocess import decoder_output_names, postprocess
-from dimaskdino.visualize import overlay
+from dimaskdino.visualize import display_picture
 
 logger = logging.getLogger("dimaskdino.predict")
 
@@ -116,7 +119,9 @@ def predict_records(model, records, cfg, category_map, device, *, top_k: int = 1
     return panels
 
 
-def keep_above(result: dict, score_threshold: float) -> dict:
+def keep_above(result: dict, score_threshold: float | None) -> dict:
+    if score_threshold is None:
+        return result
     keep = result["scores"] >= score_threshold
     return {k: v[keep] for k, v in result.items()}
 
@@ -169,12 +174,16 @@ def predict_files(
     max_size: int,
     size_divisibility: int = 32,
     device: torch.device | str = "cpu",
-    score_threshold: float = 0.3,
+    score_threshold: float | None = None,
     top_k: int = 100,
     log=print,
 ) -> PredictionRun:
     """Predict every file; write predictions.json and one overlay PNG per image to output_dir.
-    Files that cannot be read or decoded are logged and listed in `failures`."""
+    score_threshold: keep the detections with at least this score in both; None keeps every
+    top_k detection in the json, and each picture chooses its threshold from its scores
+    (visualize.display_picture, which also hides duplicates: in the picture only).
+    Files that cannot be read or decoded are logged and listed in `failures`; when none could be
+    predicted, predictions.json is not written (an earlier one stays)."""
     os.makedirs(output_dir, exist_ok=True)
     run, taken = PredictionRun(), set()
     for image_id, path in enumerate(paths, start=1):
@@ -191,13 +200,15 @@ def predict_files(
             entry["file_name"] = path
             entry["category_name"] = category_map.names[category_map.label(entry["category_id"])]
             run.results.append(entry)
-        picture = overlay(image, result.get("masks"), result["boxes"], result["labels"], result["scores"],
-                          category_map.names)
+        picture = display_picture(image, result, category_map.names, score_threshold)
         overlay_path = os.path.join(output_dir, _overlay_name(path, taken))
         _save_png(picture, overlay_path)
         run.overlays.append(overlay_path)
         run.num_predicted += 1
         log(f"{path}: {len(result['scores'])} detections -> {overlay_path}")
+    if run.num_predicted == 0:  # keep an earlier predictions.json rather than replace it by []
+        log(f"error: no image could be predicted; {os.path.join(output_dir, 'predictions.json')} not written")
+        return run
     with open(os.path.join(output_dir, "predictions.json"), "w") as f:
         json.dump(run.results, f)
     return run
@@ -218,12 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m dimaskdino.predict",
                                      description="Predict boxes and masks for images with a checkpoint.")
     parser.add_argument("--checkpoint", default=TrainConfig.output_dir,
-                        help="checkpoint directory, or a training output directory (its latest checkpoint); "
-                             f"default: {TrainConfig.output_dir}, where `torchrun -m dimaskdino.train` writes")
+                        help=CHECKPOINT_HELP)
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     parser.add_argument("--output", default="predictions", help="output folder (default: ./predictions)")
-    parser.add_argument("--score-threshold", type=float, default=0.3,
-                        help="keep detections with at least this score (default 0.3; 0 keeps all top-k)")
+    parser.add_argument("--score-threshold", type=float, default=None,
+                        help="keep detections with at least this score, in predictions.json and the pictures "
+                             "(default: the json keeps all top-k, and each picture chooses a threshold from its "
+                             "scores and says which in its legend)")
     parser.add_argument("--top-k", type=int, default=100, help="detections per image before the threshold")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     return parser
@@ -246,10 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         score_threshold=args.score_threshold, top_k=args.top_k,
         log=lambda message: print(message, file=sys.stderr if message.startswith("error") else sys.stdout),
     )
+    if run.num_predicted == 0:
+        return 1
     skipped = f" ({len(run.failures)} skipped)" if run.failures else ""
     print(f"{run.num_predicted} of {len(paths)} images predicted{skipped}, {len(run.results)} detections -> "
           f"{os.path.join(args.output, 'predictions.json')}")
-    return 0 if run.num_predicted > 0 else 1
+    return 0
 
 
 if __name__ == "__main__":

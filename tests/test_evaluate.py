@@ -445,6 +445,21 @@ def test_cli_default_data_is_the_checkpoint_config_validation_set(single_process
     assert f"{synthetic.val_json}: 6 images" in capsys.readouterr().out
 
 
+def test_cli_evaluates_a_safetensors_export_like_its_checkpoint(single_process_env, dataset, synthetic, tmp_path):
+    from dimaskdino.export import export_safetensors
+
+    cfg = apply_overrides(get_preset("demo"), TINY_MODEL)
+    checkpoint = write_checkpoint(tmp_path / "run" / "checkpoints", cfg, dataset.categories)
+    exported = export_safetensors(checkpoint, tmp_path / "model.safetensors")
+    metrics = []
+    for source in (checkpoint, str(exported)):
+        output = tmp_path / f"{len(metrics)}.json"
+        assert main(["--checkpoint", source, "--data", f"{synthetic.val_json}:{synthetic.val_images}", "--loader",
+                     "torch", "--device", "cpu", "--top-k", "10", "--output", str(output)]) == 0
+        metrics.append(json.loads(output.read_text()))
+    assert metrics[0] == metrics[1] and "segm/AP" in metrics[1]
+
+
 def test_cli_rejects_a_dataset_with_other_classes(single_process_env, synthetic, tmp_path):
     cfg = apply_overrides(get_preset("demo"), TINY_MODEL)
     other = CategoryMap((1, 2, 3, 4, 5, 6), tuple("abcdef"))

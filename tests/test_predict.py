@@ -3,6 +3,7 @@ tiny model, the command line on a real checkpoint of it, and the pictures."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -26,7 +27,17 @@ from dimaskdino.predict import (
     predict_records,
     prepare_image,
 )
-from dimaskdino.visualize import class_colour, overlay, save_overlay_grid
+from dimaskdino.visualize import (
+    MASK_ALPHA,
+    choose_threshold,
+    class_colour,
+    display_picture,
+    overlay,
+    place_labels,
+    remove_duplicates,
+    save_overlay_grid,
+    select_for_display,
+)
 
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")]
@@ -135,7 +146,8 @@ def test_predict_files_writes_json_and_overlays_and_skips_bad_files(tiny, image_
         with Image.open(overlay_path) as im:
             name = overlay_path.split("/")[-1].replace("_pred.png", "")
             expected = next(s for f, s in sizes.items() if f.split("/")[-1].startswith(name + "."))
-            assert (im.height, im.width) == expected and im.mode == "RGB"
+            # The image's size, with the legend below it.
+            assert im.width == expected[1] and im.height > expected[0] and im.mode == "RGB"
 
 
 def test_score_threshold_filters_json(tiny, image_files, tmp_path):
@@ -207,8 +219,10 @@ def test_overlay_draws_masks_boxes_and_respects_the_threshold():
     assert picture.shape == image.shape and picture.dtype == np.uint8
     assert (image == 100).all()  # the input is not modified
     inside = picture[40, 55].astype(int)  # inside mask 0, away from its outline and label
-    expected = np.round(100 * 0.55 + np.array(class_colour(1)) * 0.45)
+    expected = np.round(100 * (1 - MASK_ALPHA) + np.array(class_colour(1)) * MASK_ALPHA)
     assert np.abs(inside - expected).max() <= 1
+    assert tuple(picture[49, 55]) == class_colour(1)  # the outline band inside the mask's edge
+    assert tuple(picture[40, 39]) == (0, 0, 0)  # the dark edge just outside it (left of the box line)
     assert (picture[10, 10] == 100).all()  # below the threshold: not drawn
     assert (picture[30, 40:70] != 100).any(axis=-1).all()  # box outline
     boxes_only = overlay(image, None, boxes, [1, 3], [0.9, 0.2], None)
@@ -226,8 +240,11 @@ def test_save_overlay_grid(tmp_path):
                               "labels": torch.tensor([2]), "masks": torch.ones(1, height, width, dtype=torch.bool)}))
     path = save_overlay_grid(str(tmp_path / "sub" / "grid.png"), items, class_names=CATEGORIES.names, cell_size=64)
     with Image.open(path) as im:
-        # 3 pictures -> 2 x 2 grid of cells of the largest scaled picture (64 x 64), 4-pixel gaps.
-        assert (im.width, im.height) == (2 * 64 + 4, 2 * 64 + 4)
+        # 3 pictures, each scaled to a long side of 64 -> 2 x 2 grid of 64 x 64 cells, 4-pixel gaps,
+        # and the legend below.
+        assert im.width == 2 * 64 + 4 and im.height > 2 * 64 + 4
+        legend = np.asarray(im)[2 * 64 + 4 :]
+        assert (legend == 255).mean() > 0.5 and (legend == 0).any()  # white strip with dark text
 
 
 def test_predict_records_feed_the_overlay_grid_with_class_names(tiny, tmp_path, monkeypatch):
@@ -251,7 +268,174 @@ def test_predict_records_feed_the_overlay_grid_with_class_names(tiny, tmp_path, 
         return real_overlay(image, masks, boxes, labels, scores, class_names, score_threshold)
 
     monkeypatch.setattr("dimaskdino.visualize.overlay", spy)
-    path = save_overlay_grid(str(tmp_path / "predictions.png"), panels, score_threshold=0.0)
+    path = save_overlay_grid(str(tmp_path / "predictions.png"), panels, score_threshold=0.0, cell_size=96)
     assert drawn == [CATEGORIES.names, CATEGORIES.names]
     with Image.open(path) as im:
-        assert (im.width, im.height) == (2 * 96 + 4, 64)
+        assert im.width == 2 * 96 + 4 and im.height > 64
+
+
+def test_cli_keeps_an_earlier_predictions_json_when_every_input_is_bad(checkpoint, image_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predictions.json").write_text('[{"earlier": true}]')
+    code = main(["--checkpoint", checkpoint, str(image_files / "corrupt.jpg"), "--output", str(out), "--device", "cpu"])
+    assert code == 1
+    assert (out / "predictions.json").read_text() == '[{"earlier": true}]'
+    assert "not written" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe weights (dimaskdino.export)
+# ---------------------------------------------------------------------------------------------
+
+
+def _rects_overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def test_labels_never_overlap_and_stay_inside_the_image():
+    rng = np.random.default_rng(0)
+    width, height = 200, 150
+    xy = rng.uniform(0, 150, (30, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 60, (30, 2))], axis=1)
+    boxes[10:15] = boxes[9]  # several boxes on the same spot: their labels must still not overlap
+    sizes = [(int(rng.integers(30, 70)), 14) for _ in boxes]
+    corners = place_labels(boxes, sizes, (width, height))
+    rects = [(x, y, x + w, y + h) for corner, (w, h) in zip(corners, sizes) if corner is not None for x, y in [corner]]
+    assert len(rects) >= 15  # 30 labels cover 70% of this picture: about two thirds find room
+    for i, a in enumerate(rects):
+        assert 0 <= a[0] and a[2] <= width and 0 <= a[1] and a[3] <= height
+        assert not any(_rects_overlap(a, b) for b in rects[i + 1 :])
+    # The first (highest-scoring) label takes its preferred spot: above the box's top-left corner.
+    (first,) = place_labels([[50.0, 40.0, 90.0, 80.0]], [(30, 12)], (width, height))
+    assert first == (50.0, 28.0)
+    # A label larger than the picture has no room.
+    assert place_labels([[0.0, 0.0, 5.0, 5.0]], [(300, 12)], (width, height)) == [None]
+
+
+def test_duplicates_are_hidden_for_display():
+    masks = np.zeros((6, 40, 40), dtype=bool)
+    masks[0, 0:20, 0:20] = True  # object A
+    masks[1, 0:20, 0:19] = True  # A again, same class, lower score: hidden
+    masks[2, 0:20, 0:18] = True  # A named by another class (IoU 0.9): hidden
+    masks[3, 0:20, 0:12] = True  # another class, IoU 0.6 with A: kept (could be a different object)
+    masks[4, 25:35, 25:35] = True  # object B, same class as A: kept
+    masks[5, 0:10, 0:10] = True  # a part of A in A's class (IoU 0.25, all inside A): hidden
+    labels = np.array([1, 1, 2, 3, 1, 1])
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    boxes = np.array([[0, 0, 20, 20], [0, 0, 19, 20], [0, 0, 18, 20], [0, 0, 12, 20], [25, 25, 35, 35],
+                      [0, 0, 10, 10]], dtype=float)
+    assert remove_duplicates(masks, boxes, labels, scores).tolist() == [0, 3, 4]
+    # Highest score first whatever the input order; box overlaps without masks.
+    order = np.array([5, 4, 3, 2, 1, 0])
+    assert remove_duplicates(masks[order], boxes[order], labels[order], scores[order]).tolist() == [5, 2, 1]
+    assert remove_duplicates(None, boxes, labels, scores).tolist() == [0, 3, 4]
+    # A small object of the class inside a large one is hidden only when mostly inside it.
+    masks[5] = False
+    masks[5, 15:25, 15:25] = True  # a quarter inside A
+    assert remove_duplicates(masks, boxes, labels, scores).tolist() == [0, 3, 4, 5]
+
+
+def test_threshold_is_chosen_between_objects_and_background():
+    rng = np.random.default_rng(0)
+    background = rng.uniform(0.01, 0.15, 90)
+    weak_model = np.concatenate([rng.uniform(0.30, 0.47, 10), background])  # the demo model after minutes
+    assert choose_threshold(weak_model) == weak_model[:10].min()
+    strong_model = np.concatenate([rng.uniform(0.8, 0.95, 6), rng.uniform(0.01, 0.3, 94)])
+    assert choose_threshold(strong_model) == strong_model[:6].min()
+    assert choose_threshold([0.01, 0.02]) == 0.05  # nothing above the floor: nothing drawn
+    assert choose_threshold([0.4, 0.4, 0.4]) == 0.05  # no split: everything above the floor
+    assert choose_threshold([]) == 0.05
+
+
+def test_select_for_display_applies_one_threshold_and_a_cap_per_image():
+    def prediction(scores):
+        n = len(scores)
+        boxes = np.array([[i * 10.0, 0.0, i * 10.0 + 8, 8.0] for i in range(n)])  # disjoint
+        return {"boxes": boxes, "labels": np.zeros(n, dtype=int), "scores": np.asarray(scores)}
+
+    predictions = [prediction([0.45, 0.4, 0.35, 0.05, 0.04]), prediction([0.42, 0.06, 0.05])]
+    chosen, choice = select_for_display(predictions)
+    assert [c.tolist() for c in chosen] == [[0, 1, 2], [0]] and choice.automatic
+    assert f"{choice.threshold:.2f}" in choice.describe()
+    chosen, choice = select_for_display(predictions, score_threshold=0.05, max_per_image=2)
+    assert [c.tolist() for c in chosen] == [[0, 1], [0, 1]] and not choice.automatic
+
+
+def test_display_picture_shows_a_mask_on_an_object_of_its_own_colour():
+    colour = class_colour(2)
+    image = np.full((64, 64, 3), colour, dtype=np.uint8)  # the object and the mask's tint alike
+    masks = np.zeros((1, 64, 64), dtype=bool)
+    masks[0, 20:40, 20:40] = True
+    picture = display_picture(image, {"masks": masks, "boxes": np.array([[20.0, 20.0, 40.0, 40.0]]),
+                                      "labels": np.array([2]), "scores": np.array([0.4])}, CATEGORIES.names)
+    assert picture.shape[1] == 64 and picture.shape[0] > 64  # legend below
+    assert (picture[19, 25:35] == 0).all()  # the dark edge around the mask
+
+
+@contextlib.contextmanager
+def no_unpickling(calls: list):
+    """Every way of unpickling (pickle.load / loads / Unpickler, torch.load) raises inside the
+    block; the attempts are appended to `calls`."""
+    import pickle
+
+    def forbidden(name):
+        def guard(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} called: unpickling while loading")
+        return guard
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("load", "loads", "Unpickler"):
+            patch.setattr(pickle, name, forbidden(f"pickle.{name}"))
+        patch.setattr(torch, "load", forbidden("torch.load"))
+        yield
+
+
+def test_safetensors_export_loads_in_predict_without_pickle(checkpoint, image_files, tmp_path, capsys):
+    from dimaskdino.export import main as export_main
+
+    exported = tmp_path / "weights.safetensors"
+    assert export_main([checkpoint, str(exported)]) == 0  # reads the (trusted) DCP checkpoint
+    common = [str(image_files / "photo.jpg"), "--score-threshold", "0", "--device", "cpu", "--top-k", "5"]
+    assert main(["--checkpoint", checkpoint, "--output", str(tmp_path / "dcp"), *common]) == 0
+
+    calls = []
+    with no_unpickling(calls):
+        assert main(["--checkpoint", str(exported), "--output", str(tmp_path / "safe"), *common]) == 0
+    assert calls == []
+    with no_unpickling(calls), pytest.raises(BaseException):  # the guard does catch DCP's unpickling
+        main(["--checkpoint", checkpoint, "--output", str(tmp_path / "guarded"), *common])
+    assert "pickle.load" in calls
+
+    safe = json.loads((tmp_path / "safe" / "predictions.json").read_text())
+    assert len(safe) == 5 and safe == json.loads((tmp_path / "dcp" / "predictions.json").read_text())
+
+
+def test_safetensors_export_refuses_and_rejects_bad_files(checkpoint, tmp_path):
+    from safetensors.torch import save_file
+
+    from dimaskdino.export import export_safetensors, load_safetensors_for_inference
+
+    with pytest.raises(ValueError, match="must end in .safetensors"):
+        export_safetensors(checkpoint, tmp_path / "weights.pt")
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(ValueError, match="foreign.safetensors: safetensors metadata format"):
+        load_safetensors_for_inference(foreign)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="garbage.safetensors: not a readable safetensors file"):
+        load_safetensors_for_inference(garbage)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_safetensors_for_inference(tmp_path / "missing.safetensors")
+    # Weights that do not fit the model of the metadata's config: the error names the file.
+    good = tmp_path / "good.safetensors"
+    export_safetensors(checkpoint, good)
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as f:
+        metadata = f.metadata()
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "mismatch.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match="mismatch.safetensors: weights do not match"):
+        load_safetensors_for_inference(tmp_path / "mismatch.safetensors")

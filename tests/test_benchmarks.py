@@ -1,0 +1,73 @@
+"""The benchmark scripts: medians with their spread, and `benchmarks/regenerate.py --quick`, which
+runs every script that produces a README figure on tiny inputs (their figures mean nothing; the
+point is that the scripts run and write their results with provenance, into the folder given)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.spread import compare, format_overhead, summarize  # noqa: E402
+
+
+def test_summarize_keeps_median_and_spread():
+    assert summarize([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4,
+                                                 "samples": [3.0, 1.0, 2.0, 10.0]}
+    with pytest.raises(ValueError, match="no samples"):
+        summarize([])
+
+
+def test_a_ratio_whose_spread_includes_one_is_not_significant():
+    clear = compare([1.0, 1.1, 0.9], [2.0, 2.2, 1.9])  # new takes twice as long, ranges apart
+    assert clear["ratio"] == pytest.approx(2.0) and clear["significant"]
+    assert clear["low"] == pytest.approx(1.9 / 1.1) and clear["high"] == pytest.approx(2.2 / 0.9)
+    assert format_overhead(clear).startswith("+100% (+73% to +144%)")
+    noisy = compare([0.16, 1.0, 0.5], [0.6, 0.2, 0.9])  # medians differ, ranges overlap
+    assert not noisy["significant"] and format_overhead(noisy).endswith("not significant")
+    faster = compare([2.0, 2.1], [1.0, 1.05])
+    assert faster["significant"] and faster["high"] < 1
+
+
+def test_regenerate_refuses_to_write_quick_figures_over_the_committed_results():
+    result = subprocess.run([sys.executable, "benchmarks/regenerate.py", "--quick", "--out", "benchmarks/results"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and "committed results" in result.stderr
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_regenerate_quick_runs_every_script_into_the_folder_given(tmp_path):
+    committed = _digest(ROOT / "benchmarks" / "results")
+    result = subprocess.run([sys.executable, "benchmarks/regenerate.py", "--quick", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "regenerate.json").read_text())
+    status = {step["step"]: step["status"] for step in summary["steps"]}
+    for name in ("model-stats", "compile-check", "training-methods-step", "training-methods-ap", "demo-train"):
+        assert status[name] == "ok", status
+    expected = ["cpu-compile-check.json", "cpu-demo-train.json", "cpu-training-methods-ap.json",
+                "cpu-training-methods-step.json", "model-stats.json", "regenerate.json"]
+    if status["kernels"] == "ok":
+        expected.append("cpu-msda.json")
+    for name in expected:
+        data = json.loads((tmp_path / name).read_text())
+        for key in ("device", "torch", "git_commit", "git_dirty", "command"):
+            assert key in data, f"{name} lacks {key}"
+        assert data["quick"] is True
+    demo = json.loads((tmp_path / "cpu-demo-train.json").read_text())
+    assert demo["train_command"].startswith("torchrun -m dimaskdino.train")
+    assert demo["wall_clock_s"]["n"] == 1 and demo["metrics"]["steps"] == 2
+    assert (tmp_path / demo["picture"]).stat().st_size > 0
+    step = json.loads((tmp_path / "cpu-training-methods-step.json").read_text())
+    assert set(step["rows"]["off"]["step_s"]) >= {"median", "min", "max", "samples"}
+    assert _digest(ROOT / "benchmarks" / "results") == committed  # nothing written over the committed results
