@@ -33,6 +33,7 @@ import importlib
 import importlib.util
 import math
 import os
+import subprocess
 import sys
 import types
 import warnings
@@ -92,6 +93,15 @@ def require_checkout(kind: str) -> Path:
     if not (root / code.package).is_dir():
         raise RuntimeError(f"{code.env}={root}: no '{code.package}' package folder there")
     return root
+
+
+def checkout_commit(kind: str) -> str:
+    """git commit of the kind's checkout ("unknown" outside git)."""
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=require_checkout(kind), text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------
