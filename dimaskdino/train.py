@@ -92,7 +92,8 @@ def resolve_dataset(cfg: Config, info: distributed.DistInfo) -> Config:
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float) -> list[dict]:
     """AdamW groups of SPEC section 5: backbone at lr x backbone_lr_mult; no weight decay for
-    normalization layers and embeddings."""
+    normalization layers and nn.Embedding tables. Free-standing parameters (the encoder's
+    level_embed) are decayed, as the authors' build_optimizer does."""
     no_decay_types = (nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.modules.batchnorm._NormBase)
     no_decay_ids = set()
     for module in model.modules():
@@ -102,8 +103,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_m
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        # Free-standing embedding tables (e.g. the per-level embedding) are parameters, not modules.
-        no_decay = id(param) in no_decay_ids or "embed" in name.rsplit(".", 1)[-1]
+        no_decay = id(param) in no_decay_ids
         groups.setdefault((name.startswith("backbone."), no_decay), []).append(param)
     return [
         dict(params=params, lr=lr * (backbone_lr_mult if is_backbone else 1.0),
@@ -155,7 +155,11 @@ def step_losses(model, criterion, cfg: Config, batch: dict, step: int, device: t
     targets = move_targets(batch["targets"], device)
     image_ids = [t["image_id"] for t in batch["targets"]]
     generators = batch_generators(cfg.train.seed, step, image_ids, device)
-    dn_max_gt = distributed.all_reduce_max_int(max((len(t["labels"]) for t in batch["targets"]), default=0), device)
+    # Denoising groups = num_queries // the largest GT count of this process's images (the
+    # authors', per GPU), or of the whole global batch ("global": independent of the split).
+    dn_max_gt = max((len(t["labels"]) for t in batch["targets"]), default=0)
+    if cfg.model.denoising.max_gt_scope == "global":
+        dn_max_gt = distributed.all_reduce_max_int(dn_max_gt, device)
     with autocast:
         outputs = model(images, targets, batch["image_sizes"], generators=generators, dn_max_gt=dn_max_gt)
         if cfg.train.equivariance:

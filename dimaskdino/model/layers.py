@@ -16,6 +16,7 @@ __all__ = [
     "MultiHeadAttention",
     "FeedForward",
     "inverse_sigmoid",
+    "refine_boxes",
     "sine_position_embedding_2d",
     "box_sine_embedding",
     "box_cxcywh_to_xyxy",
@@ -108,6 +109,12 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """logit(x) with x clamped to [0, 1] and both x and 1 - x kept >= eps, so it stays finite."""
     x = x.clamp(min=0.0, max=1.0)
     return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
+
+
+def refine_boxes(box_mlp: nn.Module, tokens: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """sigmoid(box_mlp(tokens) + logit(reference)); reference is a normalized cxcywh box.
+    Box arithmetic stays float32 under autocast (a bf16 box is off by up to 4 px at 1024)."""
+    return (box_mlp(tokens).float() + inverse_sigmoid(reference.float())).sigmoid()
 
 
 def _sine_cosine(coords: torch.Tensor, num_feats: int, temperature: float) -> torch.Tensor:
