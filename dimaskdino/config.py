@@ -40,6 +40,11 @@ class BackboneConfig:
     # (GroupNorm(32) with trainable affine, for training from scratch: with frozen BN and no
     # pretrained statistics a ResNet has no normalization at all).
     norm: str = "frozen_bn"
+    # Stem output channels and first-stage block width (doubled per stage): 64 in every published
+    # ResNet (and what torchvision weights need); smaller only for tiny test models (the
+    # authors'-code fixtures: detectron2 STEM_OUT_CHANNELS, WIDTH_PER_GROUP).
+    stem_channels: int = 64
+    base_width: int = 64
 
 
 @dataclass
@@ -467,6 +472,10 @@ def validate(cfg: Config) -> None:
         errors.append(f"model.backbone.depth must be 18, 34 or 50, got {model.backbone.depth}")
     if model.backbone.norm not in ("frozen_bn", "group_norm"):
         errors.append(f"model.backbone.norm must be 'frozen_bn' or 'group_norm', got '{model.backbone.norm}'")
+    for name in ("stem_channels", "base_width"):
+        value = getattr(model.backbone, name)
+        if value < 1 or (model.backbone.norm == "group_norm" and value % 32 != 0):
+            errors.append(f"model.backbone.{name} must be positive (a multiple of 32 with group_norm), got {value}")
     if model.hidden_dim % 32 != 0:
         errors.append(f"model.hidden_dim must be a multiple of 32 (GroupNorm(32)), got {model.hidden_dim}")
     for name, heads in (

@@ -377,7 +377,10 @@ def build_model(cfg) -> DIMaskDINO:
     model_cfg = cfg.model
     hidden = model_cfg.hidden_dim
     impl = cfg.impl
-    backbone = build_backbone(model_cfg.backbone.depth, model_cfg.backbone.norm, model_cfg.backbone.weights)
+    backbone = build_backbone(
+        model_cfg.backbone.depth, model_cfg.backbone.norm, model_cfg.backbone.weights,
+        model_cfg.backbone.stem_channels, model_cfg.backbone.base_width,
+    )
     enc = model_cfg.encoder
     pixel_decoder = PixelDecoder(
         backbone.out_channels,
