@@ -10,8 +10,8 @@ OUT: a new folder, an engine checkpoint (weights only, step 0) that `python -m d
 dimaskdino.train ... train.resume=OUT` (fine-tuning: fresh optimizer, step 0) load.
 
 The preset defaults to dimaskdino_r50_12ep when the checkpoint has the DI module (`oldm.*` keys),
-else maskdino_r50_12ep; the class count is the checkpoint's; `key=value` overrides change the rest
-(e.g. a checkpoint trained with other widths). Every key and shape is checked against the engine
+else maskdino_r50_12ep; the class count and the backbone's stem and block widths are the
+checkpoint's; `key=value` overrides change the rest (e.g. a checkpoint trained with other widths). Every key and shape is checked against the engine
 model built from that config, and any mismatch is a one-line error naming the checkpoint's key,
 with nothing written.
 
@@ -322,8 +322,13 @@ def infer_config(state: dict[str, torch.Tensor], preset: str | None, overrides: 
     if class_key not in state:
         raise ConversionError(f"{path}: missing key '{class_key}' (not a DI-MaskDINO / MaskDINO checkpoint)")
     cfg = get_preset(preset)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=int(state[class_key].shape[0])))
-    return apply_overrides(cfg, overrides)
+    model = dataclasses.replace(cfg.model, num_classes=int(state[class_key].shape[0]))
+    # The backbone's widths are read off its stem and first block (64 / 64 for a real ResNet).
+    stem, first = state.get("backbone.stem.conv1.weight"), state.get("backbone.res2.0.conv1.weight")
+    if stem is not None and first is not None:
+        model = dataclasses.replace(model, backbone=dataclasses.replace(
+            model.backbone, stem_channels=int(stem.shape[0]), base_width=int(first.shape[0])))
+    return apply_overrides(dataclasses.replace(cfg, model=model), overrides)
 
 
 def check_against_model(converted: dict[str, torch.Tensor], source: dict[str, str], cfg: Config, path: str) -> None:
