@@ -52,9 +52,15 @@ def authors_state(kind: str) -> dict[str, torch.Tensor]:
     return harness.unpack_state_dict(fixture(kind))
 
 
+# Their decoder, TI and BATO layers take `nhead`, whose default (8) their decoder never overrides:
+# only the encoder follows MODEL.MaskDINO.NHEADS.
+FIXED_HEADS = ["model.decoder.num_heads=8", "model.di.num_heads=8", "model.bato.num_heads=8"]
+
+
 def engine_config(kind: str):
     fx = fixture(kind)
-    return infer_config(authors_state(kind), fx["engine/preset"], list(fx["engine/overrides"]), f"{kind}.pt")
+    overrides = list(fx["engine/overrides"]) + FIXED_HEADS
+    return infer_config(authors_state(kind), fx["engine/preset"], overrides, f"{kind}.pt")
 
 
 @functools.cache
