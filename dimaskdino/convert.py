@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may follow the options
     out = convert(args.input, args.output, args.preset, args.overrides, args.categories)
     print(f"wrote {out} (from {args.input})")
     return 0
