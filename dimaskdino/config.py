@@ -157,6 +157,10 @@ class TrainConfig:
     batch_size: int = 16
     epochs: int = 12
     lr_drop_epochs: tuple[float, ...] = (_epochs(81_125),)  # = 11
+    # Mixed precision on a GPU (dimaskdino/amp.py). "bf16" (default): bf16 autocast for training
+    # and evaluation. "fp16": the authors' recipe: fp16 autocast with dynamic loss scaling, the pixel
+    # decoder, TI layers and decoder layers in fp32, evaluation in fp32. "fp32": no autocast.
+    amp: str = "bf16"
     warmup_iters: int = 0  # linear warmup from 0.001 x lr; the authors have none (factor 1.0)
     seed: int = 0
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
@@ -514,6 +518,8 @@ def validate(cfg: Config) -> None:
     if model.size_divisibility < 1:
         errors.append("model.size_divisibility must be >= 1")
     train = cfg.train
+    if train.amp not in ("bf16", "fp16", "fp32"):
+        errors.append(f"train.amp must be 'bf16', 'fp16' or 'fp32', got '{train.amp}'")
     unknown_heads = [h for h in train.hybrid_heads if h not in ("atss", "rcnn")]
     if unknown_heads or len(set(train.hybrid_heads)) != len(train.hybrid_heads):
         errors.append(f"train.hybrid_heads must be distinct names from (atss, rcnn), got {','.join(train.hybrid_heads)}")

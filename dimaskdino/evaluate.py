@@ -296,9 +296,11 @@ def eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (as training runs), plain fp32 elsewhere."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast_for(device: torch.device, model: torch.nn.Module | None = None):
+    """Autocast for inference on CUDA at the model's `inference_dtype` (bf16 unless built with
+    train.amp=fp16/fp32, which evaluate in fp32 as the authors do); plain fp32 elsewhere."""
+    dtype = getattr(model, "inference_dtype", torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32)
 
 
 def _distributed() -> tuple[int, int]:
@@ -311,7 +313,7 @@ def _forward(model, batch: dict, device: torch.device, per_layer: bool) -> dict:
     """The model's outputs for one loader batch (intermediate masks only when per_layer)."""
     images = batch["images"].to(device, non_blocking=True)
     image_sizes = [tuple(int(v) for v in s) for s in batch["image_sizes"]]
-    with torch.no_grad(), autocast_for(device):
+    with torch.no_grad(), autocast_for(device, model):
         return model(images, image_sizes=image_sizes, intermediate_masks=per_layer)
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from dimaskdino import dist as distributed
+from dimaskdino.amp import MixedPrecision
 from dimaskdino.checkpoint import latest_checkpoint, load_checkpoint, load_checkpoint_extra, resolve_checkpoint, save_checkpoint
 from dimaskdino.config import PRESETS, Config, apply_overrides, config_to_dict, get_preset
 
@@ -155,11 +156,7 @@ def step_losses(model, criterion, cfg: Config, batch: dict, step: int, device: t
     targets = move_targets(batch["targets"], device)
     image_ids = [t["image_id"] for t in batch["targets"]]
     generators = batch_generators(cfg.train.seed, step, image_ids, device)
-    # Denoising groups = num_queries // the largest GT count of this process's images (the
-    # authors', per GPU), or of the whole global batch ("global": independent of the split).
-    dn_max_gt = max((len(t["labels"]) for t in batch["targets"]), default=0)
-    if cfg.model.denoising.max_gt_scope == "global":
-        dn_max_gt = distributed.all_reduce_max_int(dn_max_gt, device)
+    dn_max_gt = denoising_max_gt(batch["targets"], cfg.model.denoising.max_gt_scope, device)
     with autocast:
         outputs = model(images, targets, batch["image_sizes"], generators=generators, dn_max_gt=dn_max_gt)
         if cfg.train.equivariance:
@@ -178,6 +175,14 @@ def step_losses(model, criterion, cfg: Config, batch: dict, step: int, device: t
         losses.update(equivariance_losses(criterion, outputs, second_outputs, second_view, final_key,
                                           cfg.train.equivariance_weight, second_generators))
     return losses
+
+
+def denoising_max_gt(targets: list[dict], scope: str, device: torch.device) -> int:
+    """The GT count that sets the denoising groups (num_queries // it): the largest of this
+    process's images (scope "process", the authors' per-GPU batch), or of the whole global batch
+    ("global": the groups then do not depend on how the batch is split over processes)."""
+    local = max((len(t["labels"]) for t in targets), default=0)
+    return distributed.all_reduce_max_int(local, device) if scope == "global" else local
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -357,7 +362,8 @@ def train(cfg: Config) -> dict:
             local_batch, total_steps, total_steps / steps_per_epoch, steps_per_epoch, output_dir,
         )
     run_log = RunLog(output_dir, info.is_main, total_steps, step)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    precision = MixedPrecision(cfg.train.amp, info.device)  # bf16 on a GPU unless train.amp says otherwise
+    autocast = precision.autocast()
 
     def save(epoch: int, batch_in_epoch: int) -> None:
         meta = dict(epoch=epoch, batch_in_epoch=batch_in_epoch, world_size=info.world_size, config=config_to_dict(cfg),
@@ -377,9 +383,8 @@ def train(cfg: Config) -> dict:
             losses = step_losses(model, criterion, cfg, batch, step, info.device, autocast, inter_scene)
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
-            optimizer.step()
+            precision.backward(loss)
+            grad_norm = precision.clip_and_step(optimizer, model.parameters(), cfg.train.clip_grad_norm)
             step += 1
             window_images += global_batch
             run_log.advance()

@@ -15,6 +15,7 @@ from dimaskdino.model.layers import (
     FeedForward,
     MultiHeadAttention,
     box_sine_embedding,
+    float32_under_autocast,
     refine_boxes,
     xavier_init_weights,
 )
@@ -62,6 +63,7 @@ class TokenInteraction(nn.Module):
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.bbox_embed.zero_init_last_layer()
 
+    @float32_under_autocast
     def forward(
         self, content: torch.Tensor, boxes: torch.Tensor, heads: PredictionHeads, num_select: int
     ) -> TokenInteractionOutput:

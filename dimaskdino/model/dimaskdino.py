@@ -429,7 +429,10 @@ def build_model(cfg) -> DIMaskDINO:
             hidden, model_cfg.num_classes, pixel_decoder.num_levels, tuple(cfg.train.hybrid_heads),
             max_positives=cfg.train.hybrid_max_positives, aux_weight=cfg.train.hybrid_aux_weight,
         )
-    return DIMaskDINO(
+    if cfg.train.amp == "fp16":  # the authors' recipe: these run in float32 under fp16 autocast
+        for module in [pixel_decoder, *decoder.layers] + ([token_interaction] if token_interaction is not None else []):
+            module.fp32_island = True
+    model = DIMaskDINO(
         backbone=backbone,
         pixel_decoder=pixel_decoder,
         heads=heads,
@@ -449,6 +452,10 @@ def build_model(cfg) -> DIMaskDINO:
         expose_embeddings=cfg.train.inter_scene or cfg.train.equivariance,
         zero_train_padding=model_cfg.zero_train_padding,
     )
+    # Evaluation autocast on a GPU (evaluate.autocast_for): bf16 with train.amp=bf16; the authors
+    # evaluate in fp32 (detectron2's inference has no autocast).
+    model.inference_dtype = torch.bfloat16 if cfg.train.amp == "bf16" else torch.float32
+    return model
 
 
 __all__ = ["DIMaskDINO", "build_model"]

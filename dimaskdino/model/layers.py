@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -96,6 +97,32 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x + self.linear2(F.relu(self.linear1(x))))
+
+
+def float32_under_autocast(forward):
+    """Decorator for a module's forward: when the module's `fp32_island` is True and autocast is
+    on, the forward runs with autocast off on float32 copies of its floating-point tensor
+    arguments (dicts and lists included). The authors' fp16 recipe runs their pixel decoder, TI
+    layers and decoder layers like this (@autocast(enabled=False)); model.fp32_layers switches it
+    on. Off (the default), the forward runs under the caller's autocast."""
+    from torch.utils._pytree import tree_leaves, tree_map
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        if not getattr(self, "fp32_island", False):
+            return forward(self, *args, **kwargs)
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        device_type = tensors[0].device.type if tensors else "cpu"
+        if not torch.is_autocast_enabled(device_type):
+            return forward(self, *args, **kwargs)
+
+        def to_float(value):
+            return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        with torch.autocast(device_type, enabled=False):
+            return forward(self, *tree_map(to_float, args), **tree_map(to_float, kwargs))
+
+    return wrapper
 
 
 def xavier_init_weights(module: nn.Module) -> None:
