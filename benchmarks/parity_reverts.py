@@ -139,7 +139,7 @@ def main() -> None:
     payload = {"tolerances": {"logits": parity.LOGIT_TOL, "boxes": parity.BOX_TOL, "masks": parity.MASK_TOL},
                "reverts": {name: (fn.__doc__ or "the engine as it is").strip() for name, fn in REVERTS.items()},
                "rows": rows}
-    print(write_result(args.out, "cpu-parity-reverts", payload))
+    print(write_result(args.out, "cpu-parity-reverts.json", payload))
 
 
 if __name__ == "__main__":
