@@ -33,6 +33,7 @@ import importlib
 import importlib.util
 import math
 import os
+import subprocess
 import sys
 import types
 import warnings
@@ -92,6 +93,15 @@ def require_checkout(kind: str) -> Path:
     if not (root / code.package).is_dir():
         raise RuntimeError(f"{code.env}={root}: no '{code.package}' package folder there")
     return root
+
+
+def checkout_commit(kind: str) -> str:
+    """git commit of the kind's checkout ("unknown" outside git)."""
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=require_checkout(kind), text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +394,7 @@ def randomize_weights(model: torch.nn.Module, seed: int = 0) -> None:
             done.update({id(module.sampling_offsets.weight), id(module.sampling_offsets.bias),
                          id(module.attention_weights.weight), id(module.attention_weights.bias)})
     for name, param in model.named_parameters():
-        if id(param) in done or param.numel() < 2 and param.ndim == 0:
+        if id(param) in done:
             continue
         flat = param.flatten()
         if bool((flat == flat[0]).all()):  # constant: zero-init last layers, zero biases
@@ -406,6 +416,10 @@ def snap_to_grid(model: torch.nn.Module, skip_prefixes=("criterion.",)) -> None:
             continue
         tensor = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
         q, scale = to_grid(tensor)
+        flat = q.view(-1)
+        if flat.numel() > 1 and bool((flat == flat[0]).all()) and not bool((tensor == tensor.flatten()[0]).all()):
+            # Rounding made a small tensor constant (e.g. 4 BN scales near 1): keep it asymmetric.
+            flat[::2] -= 1 if int(flat[0]) > 0 else -1
         tensor.copy_(q.float() * scale)
 
 
@@ -474,6 +488,50 @@ def write_authors_checkpoint(fixture: dict, path) -> None:
     """`{"model": state_dict}` at `path`: what their DetectionCheckpointer.save writes for this
     model (the fixture maker checks that its file holds exactly this)."""
     torch.save({"model": unpack_state_dict(fixture)}, path)
+
+
+def flatten(prefix: str, value, into: dict) -> dict:
+    """Nested dicts / lists / tuples of tensors and numbers -> flat "a/b/0/c" keys in `into`
+    (tensors detached and cloned; a list also gets "<prefix>/#len"). Inverse: `unflatten`."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            flatten(f"{prefix}/{key}", item, into)
+    elif isinstance(value, (list, tuple)):
+        into[f"{prefix}/#len"] = len(value)
+        for index, item in enumerate(value):
+            flatten(f"{prefix}/{index}", item, into)
+    elif isinstance(value, torch.Tensor):
+        into[prefix] = value.detach().clone()
+    elif isinstance(value, (int, float, str, bool)) or value is None:
+        into[prefix] = value
+    else:
+        raise TypeError(f"{prefix}: cannot store a {type(value).__name__}")
+    return into
+
+
+def unflatten(flat: dict, prefix: str):
+    """The nested value stored by `flatten(prefix, value, flat)` (tuples come back as lists)."""
+    if prefix in flat:
+        return flat[prefix]
+    if f"{prefix}/#len" in flat:
+        return [unflatten(flat, f"{prefix}/{i}") for i in range(flat[f"{prefix}/#len"])]
+    start = prefix + "/"
+    names = []
+    for key in flat:
+        if key.startswith(start):
+            name = key[len(start):].split("/", 1)[0]
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise KeyError(f"fixture has no entry '{prefix}'")
+    return {name: unflatten(flat, start + name) for name in names}
+
+
+def criterion_inputs(fixture: dict):
+    """(outputs, targets, mask_dict) of their criterion, rebuilt from a fixture."""
+    mask_dict = unflatten(fixture, "train/mask_dict")
+    mask_dict["known_lbs_bboxes"] = tuple(mask_dict["known_lbs_bboxes"])
+    return unflatten(fixture, "train/outputs"), unflatten(fixture, "train/criterion_targets"), mask_dict
 
 
 # ---------------------------------------------------------------------------------------------
