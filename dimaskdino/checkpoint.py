@@ -275,9 +275,11 @@ def load_checkpoint_extra(path: str | os.PathLike, extra: dict[str, Any]) -> Non
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Collective when distributed. Loads model (and optimizer) state in place, resharding as
-    needed; returns meta.json."""
+    needed; returns meta.json. A weights-only checkpoint (meta "weights_only", e.g. one written by
+    `python -m dimaskdino.convert`) loads into the model and leaves the optimizer fresh: resuming
+    from it fine-tunes from step 0."""
     path = resolve_checkpoint(path)
-    if optimizer is None:
+    if optimizer is None or read_meta(path).get("weights_only", False):
         state = {"model": get_model_state_dict(model)}
         with _dcp_errors("load", path):
             dcp.load(state, checkpoint_id=str(path))

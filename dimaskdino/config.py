@@ -42,6 +42,11 @@ class BackboneConfig:
     # (GroupNorm(32) with trainable affine, for training from scratch: with frozen BN and no
     # pretrained statistics a ResNet has no normalization at all).
     norm: str = "frozen_bn"
+    # Stem output channels and first-stage block width (doubled per stage): 64 in every published
+    # ResNet (and what torchvision weights need); smaller only for tiny test models (the
+    # authors'-code fixtures: detectron2 STEM_OUT_CHANNELS, WIDTH_PER_GROUP).
+    stem_channels: int = 64
+    base_width: int = 64
 
 
 @dataclass
@@ -90,6 +95,10 @@ class DenoisingConfig:
     num_queries: int = 100  # groups = num_queries // (max GT per image)
     label_noise_prob: float = 0.2
     box_noise_scale: float = 0.4
+    # Over which images "max GT per image" is taken: "process" (the images of one process's batch,
+    # as the authors' per-GPU batch) or "global" (the whole global batch, all processes: the
+    # groups then do not depend on how the batch is split over processes).
+    max_gt_scope: str = "process"
 
 
 @dataclass
@@ -105,6 +114,10 @@ class ModelConfig:
     # "points" (mask embeddings + features; the matcher and criterion make logits only at their
     # sampled points: no Q x H x W tensor), "auto" (points on a CUDA device, full elsewhere).
     train_masks: str = "auto"
+    # True: training also zeroes the padding outside each image's valid region (the engine's
+    # former behaviour). The authors' model sees the LSJ padding (pixel 128, normalized) in
+    # training; evaluation pads with the mean colour either way.
+    zero_train_padding: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -146,7 +159,11 @@ class TrainConfig:
     batch_size: int = 16
     epochs: int = 12
     lr_drop_epochs: tuple[float, ...] = (_epochs(81_125),)  # = 11
-    warmup_iters: int = 10
+    # Mixed precision on a GPU (dimaskdino/amp.py). "bf16" (default): bf16 autocast for training
+    # and evaluation. "fp16": the authors' recipe: fp16 autocast with dynamic loss scaling, the pixel
+    # decoder, TI layers and decoder layers in fp32, evaluation in fp32. "fp32": no autocast.
+    amp: str = "bf16"
+    warmup_iters: int = 0  # linear warmup from 0.001 x lr; the authors have none (factor 1.0)
     seed: int = 0
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
     output_dir: str = "outputs/run"
@@ -270,7 +287,8 @@ def _demo() -> Config:
     """Small DI-MaskDINO (every DI part present) for the synthetic dataset on a CPU, sized so that
     `torchrun -m dimaskdino.train` trains and evaluates within 15 minutes on 2 cores. Departures
     from the COCO recipe, each for training from scratch in minutes: no pretrained backbone (GroupNorm,
-    and the full lr for it), milder scale jitter (0.5-1.5) on 256x256 images, 1,024 loss points."""
+    and the full lr for it), milder scale jitter (0.5-1.5) on 256x256 images, 1,024 loss points,
+    and a 10-step warmup (3x the COCO lr on freshly initialized weights)."""
     return _edit(
         _dimaskdino_r50_12ep(),
         **{
@@ -301,6 +319,7 @@ def _demo() -> Config:
             "train.epochs": 11,
             "train.lr_drop_epochs": (9.5,),
             "train.clip_grad_norm": 0.1,
+            "train.warmup_iters": 10,
             "train.checkpoint_period": 1000,
             "data.image_size": 256,
             "data.min_scale": 0.5,
@@ -510,6 +529,10 @@ def validate(cfg: Config) -> None:
         errors.append(f"model.backbone.depth must be 18, 34 or 50, got {model.backbone.depth}")
     if model.backbone.norm not in ("frozen_bn", "group_norm"):
         errors.append(f"model.backbone.norm must be 'frozen_bn' or 'group_norm', got '{model.backbone.norm}'")
+    for name in ("stem_channels", "base_width"):
+        value = getattr(model.backbone, name)
+        if value < 1 or (model.backbone.norm == "group_norm" and value % 32 != 0):
+            errors.append(f"model.backbone.{name} must be positive (a multiple of 32 with group_norm), got {value}")
     if model.hidden_dim % 32 != 0:
         errors.append(f"model.hidden_dim must be a multiple of 32 (GroupNorm(32)), got {model.hidden_dim}")
     for name, heads in (
@@ -543,10 +566,14 @@ def validate(cfg: Config) -> None:
         errors.append("model.pixel_mean and model.pixel_std need 3 values (RGB)")
     if model.train_masks not in ("auto", "full", "points"):
         errors.append(f"model.train_masks must be 'auto', 'full' or 'points', got '{model.train_masks}'")
+    if model.denoising.max_gt_scope not in ("process", "global"):
+        errors.append(f"model.denoising.max_gt_scope must be 'process' or 'global', got '{model.denoising.max_gt_scope}'")
     if model.size_divisibility < 1:
         errors.append("model.size_divisibility must be >= 1")
     train = cfg.train
     errors.extend(_numeric_errors(cfg))
+    if train.amp not in ("bf16", "fp16", "fp32"):
+        errors.append(f"train.amp must be 'bf16', 'fp16' or 'fp32', got '{train.amp}'")
     unknown_heads = [h for h in train.hybrid_heads if h not in ("atss", "rcnn")]
     if unknown_heads or len(set(train.hybrid_heads)) != len(train.hybrid_heads):
         errors.append(f"train.hybrid_heads must be distinct names from (atss, rcnn), got {','.join(train.hybrid_heads)}")

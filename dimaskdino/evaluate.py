@@ -297,9 +297,11 @@ def eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (as training runs), plain fp32 elsewhere."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast_for(device: torch.device, model: torch.nn.Module | None = None):
+    """Autocast for inference on CUDA at the model's `inference_dtype` (bf16 unless built with
+    train.amp=fp16/fp32, which evaluate in fp32 as the authors do); plain fp32 elsewhere."""
+    dtype = getattr(model, "inference_dtype", torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32)
 
 
 def _distributed() -> tuple[int, int]:
@@ -312,7 +314,7 @@ def _forward(model, batch: dict, device: torch.device, per_layer: bool) -> dict:
     """The model's outputs for one loader batch (intermediate masks only when per_layer)."""
     images = batch["images"].to(device, non_blocking=True)
     image_sizes = [tuple(int(v) for v in s) for s in batch["image_sizes"]]
-    with torch.no_grad(), autocast_for(device):
+    with torch.no_grad(), autocast_for(device, model):
         return model(images, image_sizes=image_sizes, intermediate_masks=per_layer)
 
 
@@ -451,8 +453,10 @@ def evaluate_model(
     device: torch.device | str | None = None,
     top_k: int = 100,
     verbose: bool = False,
+    predictions_path: str | None = None,
 ) -> dict[str, float]:
     """COCO box and mask metrics of `model` on the images of `loader` (see the module docstring).
+    predictions_path: also write the final output's detections there (COCO results json, rank 0).
 
     loader: eval batches {"images", "image_sizes", "targets" with "image_id", "orig_size",
     "resized_size"} (data.build_eval_loader). The model runs in eval mode under no_grad (bf16
@@ -472,6 +476,11 @@ def evaluate_model(
     if parts is None:
         return {}
     predictions, image_ids = _merge(parts)
+    if predictions_path:
+        final = decoder_output_names(dict.fromkeys(predictions))[-1]
+        os.makedirs(os.path.dirname(os.path.abspath(predictions_path)), exist_ok=True)
+        with open(predictions_path, "w") as f:
+            json.dump(predictions[final], f)
     return metrics_from_predictions(gt_json_path, predictions, image_ids, per_layer=per_layer, verbose=verbose)
 
 
@@ -588,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--top-k", type=int, default=100, help="detections per image")
     parser.add_argument("--output", default=None, help="write the metrics to this json file")
+    parser.add_argument("--predictions", default=None, help="write the detections (COCO results json) to this file")
     parser.add_argument("--verbose", action="store_true", help="print pycocotools' tables")
     return parser
 
@@ -615,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
             device_id=device.index if device.type == "cuda" else None,
         )
         metrics = evaluate_model(model, loader, category_map, json_path, per_layer=args.per_layer,
-                                 device=device, top_k=args.top_k, verbose=args.verbose and rank == 0)
+                                 device=device, top_k=args.top_k, verbose=args.verbose and rank == 0,
+                                 predictions_path=args.predictions)
     finally:
         dist.cleanup()
     if rank != 0:

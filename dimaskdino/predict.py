@@ -90,7 +90,7 @@ def predict_image(
     images, valid_size = prepare_image(image, short_side=short_side, max_size=max_size,
                                        size_divisibility=size_divisibility)
     images = images.to(device)
-    with eval_mode(model), autocast_for(device):
+    with eval_mode(model), autocast_for(device, model):
         outputs = model(images, image_sizes=[valid_size], intermediate_masks=False)
     final = decoder_output_names(outputs)[-1]
     (result,) = postprocess(outputs[final], [valid_size], [tuple(image.shape[:2])], top_k=top_k,

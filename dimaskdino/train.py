@@ -36,10 +36,11 @@ import torch
 from torch import nn
 
 from dimaskdino import dist as distributed
+from dimaskdino.amp import MixedPrecision
 from dimaskdino.checkpoint import find_resumable, load_checkpoint, load_checkpoint_extra, resolve_checkpoint, save_checkpoint
 from dimaskdino.cli import ArgumentParser, run_cli
 from dimaskdino.config import PRESETS, Config, apply_overrides, config_to_dict, get_preset
-from dimaskdino.step_guard import NonFiniteGuard, optimizer_step, skip_flag
+from dimaskdino.step_guard import NonFiniteGuard, skip_flag
 
 logger = logging.getLogger("dimaskdino.train")
 
@@ -106,7 +107,8 @@ def resolve_dataset(cfg: Config, info: distributed.DistInfo) -> Config:
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float) -> list[dict]:
     """AdamW groups of SPEC section 5: backbone at lr x backbone_lr_mult; no weight decay for
-    normalization layers and embeddings."""
+    normalization layers and nn.Embedding tables. Free-standing parameters (the encoder's
+    level_embed) are decayed, as the authors' build_optimizer does."""
     no_decay_types = (nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.modules.batchnorm._NormBase)
     no_decay_ids = set()
     for module in model.modules():
@@ -116,8 +118,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_m
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        # Free-standing embedding tables (e.g. the per-level embedding) are parameters, not modules.
-        no_decay = id(param) in no_decay_ids or "embed" in name.rsplit(".", 1)[-1]
+        no_decay = id(param) in no_decay_ids
         groups.setdefault((name.startswith("backbone."), no_decay), []).append(param)
     return [
         dict(params=params, lr=lr * (backbone_lr_mult if is_backbone else 1.0),
@@ -175,7 +176,7 @@ def step_losses(model, criterion, cfg: Config, batch: dict, step: int, device: t
     targets = move_targets(batch["targets"], device)
     image_ids = [t["image_id"] for t in batch["targets"]]
     generators = batch_generators(cfg.train.seed, step, image_ids, device)
-    dn_max_gt = distributed.all_reduce_max_int(max((len(t["labels"]) for t in batch["targets"]), default=0), device)
+    dn_max_gt = denoising_max_gt(batch["targets"], cfg.model.denoising.max_gt_scope, device)
     with autocast:
         outputs = model(images, targets, batch["image_sizes"], generators=generators, dn_max_gt=dn_max_gt)
         if cfg.train.equivariance:
@@ -194,6 +195,14 @@ def step_losses(model, criterion, cfg: Config, batch: dict, step: int, device: t
         losses.update(equivariance_losses(criterion, outputs, second_outputs, second_view, final_key,
                                           cfg.train.equivariance_weight, second_generators))
     return losses
+
+
+def denoising_max_gt(targets: list[dict], scope: str, device: torch.device) -> int:
+    """The GT count that sets the denoising groups (num_queries // it): the largest of this
+    process's images (scope "process", the authors' per-GPU batch), or of the whole global batch
+    ("global": the groups then do not depend on how the batch is split over processes)."""
+    local = max((len(t["labels"]) for t in targets), default=0)
+    return distributed.all_reduce_max_int(local, device) if scope == "global" else local
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -428,18 +437,19 @@ def build_loaders(t: Trainer, position: Position):
     return train_loader, val_loader
 
 
-def train_step(t: Trainer, batch: dict, step: int, lr_scale: float, autocast, guard: NonFiniteGuard) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def train_step(t: Trainer, batch: dict, step: int, lr_scale: float, precision: MixedPrecision,
+               guard: NonFiniteGuard) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """One optimizer step (skipped on the device when the loss or gradient norm is not
     finite); returns (losses, total loss, gradient norm)."""
     for group in t.optimizer.param_groups:
         group["lr"] = group["base_lr"] * lr_scale
-    losses = step_losses(t.model, t.criterion, t.cfg, batch, step, t.info.device, autocast, t.inter_scene)
+    losses = step_losses(t.model, t.criterion, t.cfg, batch, step, t.info.device, precision.autocast(), t.inter_scene)
     loss = sum(losses.values())
     t.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = local_tensor(nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.train.clip_grad_norm))
+    precision.backward(loss)
+    grad_norm = local_tensor(precision.unscale_and_clip(t.optimizer, t.model.parameters(), t.cfg.train.clip_grad_norm))
     skip = skip_flag(loss, grad_norm)
-    optimizer_step(t.optimizer, skip)
+    precision.step(t.optimizer, skip)
     guard.record(step + 1, skip, loss, grad_norm)
     return losses, loss, grad_norm
 
@@ -482,7 +492,7 @@ def train(cfg: Config) -> dict:
         )
     step = position.step
     run_log = RunLog(t.output_dir, info.is_main, total_steps, step)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    precision = MixedPrecision(cfg.train.amp, info.device)  # bf16 on a GPU unless train.amp says otherwise
     guard = NonFiniteGuard(cfg.train.max_bad_steps, skipped_before=position.skipped_steps, report=info.is_main)
     guard.last_checkpoint = position.checkpoint
 
@@ -493,7 +503,7 @@ def train(cfg: Config) -> dict:
         while step < total_steps:
             for batch in train_loader:
                 lr_scale = lr_factor(step, cfg.train.warmup_iters, drop_steps)
-                losses, loss, grad_norm = train_step(t, batch, step, lr_scale, autocast, guard)
+                losses, loss, grad_norm = train_step(t, batch, step, lr_scale, precision, guard)
                 step += 1
                 window_images += cfg.train.batch_size
                 run_log.advance()

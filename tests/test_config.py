@@ -37,7 +37,7 @@ def test_fields_others_rely_on():
     train = cfg.train
     assert isinstance(train, TrainConfig)
     assert (train.lr, train.weight_decay, train.backbone_lr_mult, train.clip_grad_norm) == (1e-4, 0.05, 0.1, 0.01)
-    assert (train.batch_size, train.epochs, train.warmup_iters) == (16, 12, 10)
+    assert (train.batch_size, train.epochs, train.warmup_iters) == (16, 12, 0)  # the authors: no warmup
     assert cfg.data == DataConfig(image_size=1024, min_scale=0.1, max_scale=2.0, test_short_side=800, test_max_size=1333)
 
 

@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 
 from dimaskdino.data import problems as P
 from dimaskdino.data.coco import load_coco
-from dimaskdino.data.rasterize import masks_to_boxes, polygon_area, rasterize_polygons
+from dimaskdino.data.rasterize import clip_polygon, masks_to_boxes, polygon_area, polygon_boxes, rasterize_polygons
 from dimaskdino.data.transforms import (
     Schedule,
     eval_resize_size,
@@ -149,6 +149,22 @@ def test_lsj_geometry_follows_detectron2():
     assert 0.1 <= min(scales) < 0.3 and 1.8 < max(scales) <= 2.0
 
 
+def test_polygon_boxes_are_the_clipped_polygons_boxes():
+    # detectron2's example: the triangle (0,0), (2,0), (0,2) cropped to x in [1, 2] has the tight
+    # box (1, 0, 2, 1), not the intersection of its box with the crop
+    triangle = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]]) - [1.0, 0.0]  # crop offset x = 1
+    np.testing.assert_allclose(polygon_boxes([[triangle]], width=1.0, height=2.0), [[0.0, 0.0, 1.0, 1.0]])
+    # several parts: the box of their union; a part entirely outside is dropped
+    inside = np.array([[2.5, 3.0], [6.0, 3.0], [6.0, 7.5]])
+    outside = np.array([[20.0, 20.0], [30.0, 20.0], [30.0, 30.0]])
+    np.testing.assert_allclose(polygon_boxes([[inside, outside], [outside]], 10, 10), [[2.5, 3.0, 6.0, 7.5], [0, 0, 0, 0]])
+    # a concave polygon (a U) cut by the right edge keeps the right box
+    u_shape = np.array([[0, 0], [12, 0], [12, 9], [8, 9], [8, 3], [4, 3], [4, 9], [0, 9]], dtype=float)
+    clipped = clip_polygon(u_shape, 10, 5)
+    np.testing.assert_allclose([*clipped.min(0), *clipped.max(0)], [0, 0, 10, 5])
+    assert polygon_area(clipped) == pytest.approx(10 * 3 + 4 * 2 + 2 * 2)  # base + left arm + cut right arm
+
+
 def test_eval_resize_follows_detectron2():
     assert eval_resize_size(480, 640, 800, 1333) == (800, 1067)
     assert eval_resize_size(640, 480, 800, 1333) == (1067, 800)
@@ -207,7 +223,8 @@ def test_dali_train_batch_format_and_tight_boxes(train_set):
             assert t["orig_size"] == (96, 128) and isinstance(t["image_id"], int)
             assert t["masks"].flatten(1).any(1).all()  # no empty instance survives
             assert not t["masks"][:, h:].any() and not t["masks"][:, :, w:].any()  # nothing in the padding
-            torch.testing.assert_close(t["boxes"], _tight_normalized_boxes(t["masks"], S), rtol=0, atol=1e-6)
+            # GT boxes are the clipped polygons' (the authors'), within a pixel of the masks' on each side
+            torch.testing.assert_close(t["boxes"], _tight_normalized_boxes(t["masks"], S), rtol=0, atol=2 / S)
             n_instances += len(t["labels"])
     assert n_instances > 0
     assert loader.epoch == 1

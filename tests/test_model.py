@@ -458,24 +458,30 @@ def test_box_heads_start_as_identity_refinement():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_mask_enhanced_boxes():
+def test_mask_enhanced_boxes_follow_the_authors_masks_to_boxes():
     logits = torch.full((1, 3, 8, 10), -1.0)
     logits[0, 0, 2:4, 5:10] = 1.0  # rows 2..3, columns 5..9
     logits[0, 2, 0, 0] = 1.0  # one pixel
-    fallback = torch.full((1, 3, 4), 0.25)
-    boxes = mask_enhanced_boxes(logits, fallback)
-    torch.testing.assert_close(boxes[0, 0], torch.tensor([0.75, 0.375, 0.5, 0.25]))
-    torch.testing.assert_close(boxes[0, 1], fallback[0, 1])  # empty mask keeps its box
-    torch.testing.assert_close(boxes[0, 2], torch.tensor([0.05, 0.0625, 0.1, 0.125]))
+    boxes = mask_enhanced_boxes(logits)
+    # corners at the (min, max) pixel indices, no +1: x 5..9 of 10, y 2..3 of 8
+    torch.testing.assert_close(boxes[0, 0], torch.tensor([0.7, 0.3125, 0.4, 0.125]))
+    # an empty mask: the authors' (1e8, 1e8, 0, 0) box through their eps-clamped inverse sigmoid
+    far, near = 1 / (1 + 1e-5), 1e-5 / (1 + 1e-5)
+    torch.testing.assert_close(boxes[0, 1], torch.tensor([far, far, near, near]))
+    # one pixel: zero width and height, clamped the same way
+    torch.testing.assert_close(boxes[0, 2], torch.tensor([near, near, near, near]))
 
 
-def test_encoder_proposals():
-    proposals, valid = encoder_proposals([(4, 4), (2, 2), (1, 1)], torch.device("cpu"))
-    assert proposals.shape == (21, 4) and valid.shape == (21,)
-    boxes = proposals[valid].sigmoid()
-    torch.testing.assert_close(boxes[0], torch.tensor([0.125, 0.125, 0.05, 0.05]))
-    torch.testing.assert_close(boxes[16], torch.tensor([0.25, 0.25, 0.1, 0.1]))
-    torch.testing.assert_close(boxes[20], torch.tensor([0.5, 0.5, 0.2, 0.2]))
+def test_encoder_proposal_sizes_follow_the_authors_level_order():
+    # levels fine to coarse (strides 8, 16, 32, 64): w = h = 0.4, 0.2, 0.1, 0.05
+    shapes = [(8, 8), (4, 4), (2, 2), (1, 1)]
+    proposals, valid = encoder_proposals(shapes, torch.device("cpu"))
+    assert proposals.shape == (85, 4) and valid.all()
+    boxes = proposals.sigmoid()
+    torch.testing.assert_close(boxes[0], torch.tensor([0.0625, 0.0625, 0.4, 0.4]))
+    torch.testing.assert_close(boxes[64], torch.tensor([0.125, 0.125, 0.2, 0.2]))
+    torch.testing.assert_close(boxes[80], torch.tensor([0.25, 0.25, 0.1, 0.1]))
+    torch.testing.assert_close(boxes[84], torch.tensor([0.5, 0.5, 0.05, 0.05]))
     _, valid = encoder_proposals([(200, 200)], torch.device("cpu"))
     assert not valid[0] and valid[200 * 100 + 100]  # the corner token's centre is < 0.01
 

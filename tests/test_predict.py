@@ -115,8 +115,9 @@ def test_predict_image_returns_predictions_at_the_original_size(tiny):
     assert result["masks"].shape == (15, 70, 110) and result["masks"].dtype == torch.bool
     assert result["boxes"].shape == (15, 4) and result["labels"].max() < 6
     boxes = result["boxes"]
-    assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= 110).all()
-    assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= 70).all()
+    # original-image pixels, not clipped to the image (the authors' post-processing does not clip)
+    assert torch.isfinite(boxes).all() and (boxes[:, 2:] >= boxes[:, :2]).all()
+    assert (boxes[:, 0::2].mean() - 55).abs() < 110 and (boxes[:, 1::2].mean() - 35).abs() < 70
     assert torch.all(result["scores"][:-1] >= result["scores"][1:])
 
 

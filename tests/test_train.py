@@ -52,9 +52,12 @@ def loss_records(output_dir: Path) -> list[dict]:
 def test_two_process_fsdp_matches_one_process(tmp_path):
     """Same global batch (4 = 1 x 4 = 2 x 2): the first 5 losses agree to 1e-4 relative. What
     differs is only the order of floating-point sums (gradient reduce-scatter, loss reductions);
-    the data, augmentation and every random draw are per image and identical by construction."""
+    the data, augmentation and every random draw are per image and identical by construction.
+    The denoising groups come from the global batch here (max_gt_scope=global); with the authors'
+    per-process default they depend on the split."""
     cache = tmp_path / "cache"
-    common = ["train.max_steps=5", "train.eval_period=-1", "train.checkpoint_period=0", "train.deterministic=true"]
+    common = ["train.max_steps=5", "train.eval_period=-1", "train.checkpoint_period=0", "train.deterministic=true",
+              "model.denoising.max_gt_scope=global"]
     run_training(tmp_path / "one", cache, common, nproc=1)
     run_training(tmp_path / "two", cache, common, nproc=2)
     one, two = loss_records(tmp_path / "one"), loss_records(tmp_path / "two")

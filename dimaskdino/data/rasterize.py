@@ -115,6 +115,44 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
     return boxes
 
 
+def clip_polygon(xy: np.ndarray, width: float, height: float) -> np.ndarray:
+    """The part of polygon xy (K, 2) inside [0, width] x [0, height] (Sutherland-Hodgman against
+    the four edges; (0, 2) when nothing is inside). For a concave polygon the result may hold
+    zero-width bridges along the border, but its vertices are exactly the points of the true
+    intersection's outline, so its bounding box is the intersection's."""
+    points = np.asarray(xy, dtype=np.float64)
+    # Each edge: (axis, bound, keep_below): keep points with coordinate <= bound, or >= bound.
+    for axis, bound, keep_below in ((0, 0.0, False), (0, float(width), True), (1, 0.0, False), (1, float(height), True)):
+        if len(points) == 0:
+            break
+        inside = points[:, axis] <= bound if keep_below else points[:, axis] >= bound
+        previous, previous_inside = points[-1], inside[-1]
+        kept = []
+        for point, point_inside in zip(points, inside):
+            if point_inside != previous_inside:  # the edge crosses the bound: add the crossing
+                t = (bound - previous[axis]) / (point[axis] - previous[axis])
+                kept.append(previous + t * (point - previous))
+            if point_inside:
+                kept.append(point)
+            previous, previous_inside = point, point_inside
+        points = np.asarray(kept, dtype=np.float64).reshape(-1, 2)
+    return points
+
+
+def polygon_boxes(instances: Sequence[Sequence[np.ndarray]], width: float, height: float) -> np.ndarray:
+    """xyxy boxes (N, 4) float32 of polygon instances (each a list of (K, 2) parts) clipped to
+    [0, width] x [0, height]: detectron2's crop of the polygons, then PolygonMasks'
+    get_bounding_boxes, which is where the authors' training takes its GT boxes. An instance with
+    nothing inside gets (0, 0, 0, 0)."""
+    boxes = np.zeros((len(instances), 4), np.float32)
+    for index, parts in enumerate(instances):
+        clipped = [c for c in (clip_polygon(part, width, height) for part in parts) if len(c)]
+        if clipped:
+            points = np.concatenate(clipped)
+            boxes[index] = (*points.min(axis=0), *points.max(axis=0))
+    return boxes
+
+
 def xyxy_to_normalized_cxcywh(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     """xyxy pixel boxes (N, 4) -> cxcywh normalized by the canvas (width, height), float32."""
     x0, y0, x1, y1 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]

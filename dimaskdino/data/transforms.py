@@ -26,7 +26,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from dimaskdino.data.coco import ImageRecord
-from dimaskdino.data.rasterize import masks_to_boxes, rasterize_polygons, xyxy_to_normalized_cxcywh
+from dimaskdino.data.rasterize import masks_to_boxes, polygon_boxes, rasterize_polygons, xyxy_to_normalized_cxcywh
 
 
 TRAIN_PAD_VALUE = 128.0  # Detectron2 FixedSizeCrop's pad value (raw pixels)
@@ -157,8 +157,11 @@ def padded_size(sizes: list[tuple[int, int]], divisibility: int) -> tuple[int, i
 # ---------------------------------------------------------------------------------------------
 
 
-def instance_masks(record: ImageRecord, geom: Geometry, canvas_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Masks (N, H, W) bool on the output canvas and labels (N,) of the non-crowd instances.
+def instance_masks(
+    record: ImageRecord, geom: Geometry, canvas_hw: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, list[list[np.ndarray] | None]]:
+    """Masks (N, H, W) bool on the output canvas, labels (N,) and the transformed polygons (None
+    for an RLE instance) of the non-crowd instances.
 
     Polygons are transformed and rasterized at the output resolution; RLE masks are decoded at
     the source resolution and resampled nearest-neighbour through the same geometry.
@@ -167,31 +170,41 @@ def instance_masks(record: ImageRecord, geom: Geometry, canvas_hw: tuple[int, in
     H, W = canvas_hw
     vh, vw = geom.valid_hw
     masks = np.zeros((len(anns), H, W), dtype=bool)
+    polygons: list[list[np.ndarray] | None] = []
     rle_index = None
     for i, a in enumerate(anns):
         if a.polygons is not None:
             parts = [geom.transform_points(xy) for xy in a.polygons]
             masks[i, :vh, :vw] = rasterize_polygons(parts, vh, vw)
+            polygons.append(parts)
         else:
             if rle_index is None:
                 rle_index = geom.source_pixel_indices()
             src = mask_utils.decode(a.rle).astype(bool)
             masks[i, :vh, :vw] = src[np.ix_(rle_index[0], rle_index[1])]
+            polygons.append(None)
     labels = np.array([a.label for a in anns], dtype=np.int64)
-    return masks, labels
+    return masks, labels, polygons
 
 
 def build_target(record: ImageRecord, geom: Geometry, canvas_hw: tuple[int, int]) -> dict:
     """Training/eval target of one image on a canvas (the padded image size).
 
     Instances whose mask is empty after the augmentation (cropped away, or too small to cover a
-    pixel centre) are dropped; boxes are the tight boxes of the remaining masks, normalized cxcywh
-    relative to the canvas.
+    pixel centre) are dropped. Boxes, normalized cxcywh relative to the canvas: of a polygon
+    instance, the bounding box of its transformed polygons clipped to the canvas (the authors'
+    GT boxes: detectron2 crops the polygons and takes their bounding boxes); of an RLE instance,
+    the tight box of its mask.
     """
-    masks, labels = instance_masks(record, geom, canvas_hw)
+    masks, labels, polygons = instance_masks(record, geom, canvas_hw)
     keep = masks.reshape(len(masks), -1).any(axis=1) if len(masks) else np.zeros(0, bool)
     masks, labels = masks[keep], labels[keep]
-    boxes = xyxy_to_normalized_cxcywh(masks_to_boxes(masks), canvas_hw[0], canvas_hw[1])
+    polygons = [p for p, k in zip(polygons, keep) if k]
+    boxes = masks_to_boxes(masks)
+    with_polygons = [i for i, p in enumerate(polygons) if p is not None]
+    if with_polygons:
+        boxes[with_polygons] = polygon_boxes([polygons[i] for i in with_polygons], canvas_hw[1], canvas_hw[0])
+    boxes = xyxy_to_normalized_cxcywh(boxes, canvas_hw[0], canvas_hw[1])
     return {
         "labels": labels,
         "boxes": boxes,

@@ -103,7 +103,10 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """torchvision ResNet without avgpool/fc; forward returns {"res2": ..., "res5": ...}."""
 
-    def __init__(self, depth: int = 50, norm: str = "frozen_bn"):
+    def __init__(self, depth: int = 50, norm: str = "frozen_bn", stem_channels: int = 64, base_width: int = 64):
+        """stem_channels: the stem conv's output; base_width: the first stage's block width
+        (doubled per stage; a bottleneck outputs 4x it). Both 64 in every published ResNet;
+        smaller only for tiny test models (the authors'-code fixtures)."""
         super().__init__()
         if depth not in _LAYOUTS:
             raise ValueError(f"ResNet depth must be one of {sorted(_LAYOUTS)}, got {depth}")
@@ -112,11 +115,12 @@ class ResNet(nn.Module):
         make_norm = _norm_factory(norm)
         self.depth, self.norm_kind = depth, norm
 
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = make_norm(64)
-        in_channels = 64
+        self.conv1 = nn.Conv2d(3, stem_channels, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = make_norm(stem_channels)
+        in_channels = stem_channels
         stages = []
-        for stage_index, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), blocks_per_stage)):
+        for stage_index, num_blocks in enumerate(blocks_per_stage):
+            planes = base_width * 2**stage_index
             stride = 1 if stage_index == 0 else 2
             downsample = None
             if stride != 1 or in_channels != planes * block.expansion:
@@ -128,7 +132,7 @@ class ResNet(nn.Module):
             blocks += [block(in_channels, planes, 1, None, make_norm) for _ in range(num_blocks - 1)]
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.out_channels = {f"res{i + 2}": 64 * block.expansion * 2**i for i in range(4)}
+        self.out_channels = {f"res{i + 2}": base_width * block.expansion * 2**i for i in range(4)}
         self.out_strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
         self._init_weights()
 
@@ -173,8 +177,8 @@ class ResNet(nn.Module):
             )
 
 
-def build_backbone(depth: int, norm: str, weights: str = "") -> ResNet:
-    backbone = ResNet(depth=depth, norm=norm)
+def build_backbone(depth: int, norm: str, weights: str = "", stem_channels: int = 64, base_width: int = 64) -> ResNet:
+    backbone = ResNet(depth=depth, norm=norm, stem_channels=stem_channels, base_width=base_width)
     if weights:
         backbone.load_torchvision_weights(weights)
     return backbone

@@ -71,21 +71,26 @@ def elementwise_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) 
     return iou - (enclosing - union) / enclosing.clamp(min=_EPS)
 
 
-def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Tight xyxy boxes of binary masks (..., H, W) in pixel-edge coordinates: a mask covering
-    columns 3..5 gives x0 = 3, x1 = 6, so dividing by (W, H) normalizes exactly (detectron2's
-    BitMasks convention). Empty masks give (0, 0, 0, 0). Vectorized: no host synchronization."""
+def masks_to_boxes(
+    masks: torch.Tensor, inclusive_max: bool = True, empty_value: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+) -> torch.Tensor:
+    """Tight xyxy boxes of binary masks (..., H, W). inclusive_max=True: pixel-edge coordinates,
+    a mask covering columns 3..5 gives x0 = 3, x1 = 6, so dividing by (W, H) normalizes exactly
+    (detectron2's BitMasks convention); False: x1 = 5, the last index (the authors'
+    box_ops.masks_to_boxes, used for their mask-enhanced anchors). Empty masks give `empty_value`.
+    Vectorized: no host synchronization."""
     masks = masks.bool()
     height, width = masks.shape[-2:]
     any_in_col = masks.any(dim=-2)  # (..., W)
     any_in_row = masks.any(dim=-1)  # (..., H)
     cols = torch.arange(width, device=masks.device, dtype=torch.float32)
     rows = torch.arange(height, device=masks.device, dtype=torch.float32)
+    end = 1.0 if inclusive_max else 0.0
     big = float(max(height, width) + 1)
     x0 = torch.where(any_in_col, cols, big).amin(dim=-1)
-    x1 = torch.where(any_in_col, cols + 1, -1.0).amax(dim=-1)
+    x1 = torch.where(any_in_col, cols + end, -1.0).amax(dim=-1)
     y0 = torch.where(any_in_row, rows, big).amin(dim=-1)
-    y1 = torch.where(any_in_row, rows + 1, -1.0).amax(dim=-1)
+    y1 = torch.where(any_in_row, rows + end, -1.0).amax(dim=-1)
     boxes = torch.stack((x0, y0, x1, y1), dim=-1)
     nonempty = any_in_col.any(dim=-1, keepdim=True)
-    return torch.where(nonempty, boxes, torch.zeros_like(boxes))
+    return torch.where(nonempty, boxes, boxes.new_tensor(empty_value))

@@ -11,7 +11,14 @@ from torch import nn
 
 from dimaskdino.model.di import BalanceAwareTokenOptimization
 from dimaskdino.model.heads import PredictionHeads
-from dimaskdino.model.layers import MLP, FeedForward, MultiHeadAttention, box_sine_embedding, xavier_init_weights
+from dimaskdino.model.layers import (
+    MLP,
+    FeedForward,
+    MultiHeadAttention,
+    box_sine_embedding,
+    float32_under_autocast,
+    xavier_init_weights,
+)
 from dimaskdino.model.ms_deform_attn import MSDeformAttn
 from dimaskdino.model.pixel_decoder import EncodedFeatures
 
@@ -26,6 +33,7 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(dim, dim_feedforward)
         self.num_levels = num_levels
 
+    @float32_under_autocast
     def forward(
         self,
         queries: torch.Tensor,

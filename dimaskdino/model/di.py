@@ -15,7 +15,8 @@ from dimaskdino.model.layers import (
     FeedForward,
     MultiHeadAttention,
     box_sine_embedding,
-    inverse_sigmoid,
+    float32_under_autocast,
+    refine_boxes,
     xavier_init_weights,
 )
 from dimaskdino.model.pixel_decoder import c2_xavier_fill
@@ -62,6 +63,7 @@ class TokenInteraction(nn.Module):
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.bbox_embed.zero_init_last_layer()
 
+    @float32_under_autocast
     def forward(
         self, content: torch.Tensor, boxes: torch.Tensor, heads: PredictionHeads, num_select: int
     ) -> TokenInteractionOutput:
@@ -71,11 +73,19 @@ class TokenInteraction(nn.Module):
         for layer in self.layers:
             position = self.ref_point_head(box_sine_embedding(boxes, self.hidden_dim // 2))
             content = layer(content, position)
-            refined = (self.bbox_embed(content).float() + inverse_sigmoid(boxes.float())).sigmoid()
+            refined = refine_boxes(self.bbox_embed, content, boxes)
             # Each TI layer refines its input box; the next layer starts from a detached copy.
             boxes = refined.detach()
-            layer_outputs.append({"logits": heads.class_embed(self.norm(content)), "boxes": refined})
-        scores = layer_outputs[-1]["logits"].max(dim=-1).values
+            # The TI losses see what the authors' code predicts from the normalized output: class
+            # logits through the decoder heads (which apply decoder_norm again) and a second box
+            # delta from the normalized output on top of the box passed on.
+            normed = self.norm(content)
+            layer_outputs.append({
+                "logits": heads.class_embed(heads.decoder_norm(normed)),
+                "boxes": refine_boxes(self.bbox_embed, normed, refined),
+            })
+        # Second selection: the class head on the TI-normalized last output (no decoder_norm).
+        scores = heads.class_embed(self.norm(content)).max(dim=-1).values
         index = scores.topk(min(num_select, scores.shape[1]), dim=1).indices
         return TokenInteractionOutput(
             queries=gather_tokens(content, index), boxes=gather_tokens(refined, index), layer_outputs=layer_outputs

@@ -18,6 +18,7 @@ from dimaskdino.model.decoder import Decoder, DecoderOutput
 from dimaskdino.model.denoising import DenoisingGenerator
 from dimaskdino.model.di import BalanceAwareTokenOptimization, TokenInteraction
 from dimaskdino.model.heads import PredictionHeads, masks_from_embeddings
+from dimaskdino.model.layers import inverse_sigmoid
 from dimaskdino.model.pixel_decoder import PixelDecoder
 from dimaskdino.model.query_selection import TokenSelection, encoder_proposals, mask_enhanced_boxes
 
@@ -45,6 +46,7 @@ class DIMaskDINO(nn.Module):
         hybrid: nn.Module | None = None,
         hybrid_masks: bool = False,
         expose_embeddings: bool = False,
+        zero_train_padding: bool = False,
     ):
         super().__init__()
         if train_masks not in TRAIN_MASKS:
@@ -72,6 +74,10 @@ class DIMaskDINO(nn.Module):
         self.hybrid = hybrid
         self.hybrid_masks = hybrid_masks
         self.expose_embeddings = expose_embeddings
+        # Evaluation zeroes the padding outside image_sizes (detectron2 pads after normalizing);
+        # training keeps the LSJ canvas padding (pixel 128, normalized) that the authors' model
+        # sees, unless zero_train_padding (the engine's former behaviour).
+        self.zero_train_padding = zero_train_padding
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), False)
 
@@ -138,11 +144,12 @@ class DIMaskDINO(nn.Module):
                     raise ValueError(f"DIMaskDINO: targets[{index}]['labels'] must be integer, got {labels.dtype}")
 
     def _preprocess(self, images: torch.Tensor, image_sizes) -> torch.Tensor:
-        """Normalize, zero the padding (so it reads as the mean colour, as detectron2 pads after
-        normalizing), and pad H and W up to a multiple of size_divisibility."""
+        """Normalize; in evaluation (or with zero_train_padding) zero the padding outside
+        image_sizes (so it reads as the mean colour, as detectron2 pads after normalizing); pad H
+        and W up to a multiple of size_divisibility with zeros (detectron2's ImageList)."""
         x = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
         batch, _, height, width = images.shape
-        if image_sizes is not None:
+        if image_sizes is not None and (not self.training or self.zero_train_padding):
             sizes = torch.tensor(image_sizes, dtype=torch.int64, device=images.device)  # (B, 2)
             rows = torch.arange(height, device=images.device)[None, :, None] < sizes[:, 0, None, None]
             cols = torch.arange(width, device=images.device)[None, None, :] < sizes[:, 1, None, None]
@@ -222,6 +229,9 @@ class DIMaskDINO(nn.Module):
             queries = torch.cat((denoising.content.to(queries.dtype), queries), dim=1)
             boxes = torch.cat((denoising.boxes.to(boxes.dtype), boxes), dim=1)
 
+        # The authors' decoder takes its boxes in inverse-sigmoid space: sigmoid(logit(b)) is b
+        # except where the eps clamp of inverse_sigmoid bites (a coordinate within 1e-5 of 0 or 1).
+        boxes = inverse_sigmoid(boxes).sigmoid()
         predictions, decoded = self._decode(queries, boxes, encoded, blocked, num_denoising, intermediate_masks, point_masks)
         outputs["dn"] = None
         if denoising is not None:
@@ -269,7 +279,7 @@ class DIMaskDINO(nn.Module):
                     interm_masks = masks_from_embeddings(interm["mask_embed"], encoded.mask_features)
             else:
                 interm_masks = interm["masks"].detach()
-            boxes = mask_enhanced_boxes(interm_masks, boxes)
+            boxes = mask_enhanced_boxes(interm_masks)
         content = selection.content.detach()
         if self.token_interaction is None:
             return content, boxes
@@ -294,7 +304,7 @@ class DIMaskDINO(nn.Module):
             predictions[f"dec{index}"] = heads.predict(
                 hidden, _layer_mask_features(index, encoded, decoded), reference=reference,
                 with_masks=intermediate_masks or index == last, point_masks=point_masks,
-                with_embeddings=self.expose_embeddings and self.training and index == last,
+                with_embeddings=self.expose_embeddings and self.training and index == last, renorm=True,
             )
         return predictions, decoded
 
@@ -315,7 +325,7 @@ class DIMaskDINO(nn.Module):
         for index, (hidden, reference) in enumerate(zip(decoded.hidden, decoded.references)):
             prediction = self.heads.predict(
                 hidden, _layer_mask_features(index, encoded, main), reference=reference, with_masks=self.hybrid_masks,
-                point_masks=point_masks,
+                point_masks=point_masks, renorm=True,
             )
             start = 0
             for name, size in zip(names, sizes):
@@ -367,7 +377,10 @@ def build_model(cfg) -> DIMaskDINO:
     model_cfg = cfg.model
     hidden = model_cfg.hidden_dim
     impl = cfg.impl
-    backbone = build_backbone(model_cfg.backbone.depth, model_cfg.backbone.norm, model_cfg.backbone.weights)
+    backbone = build_backbone(
+        model_cfg.backbone.depth, model_cfg.backbone.norm, model_cfg.backbone.weights,
+        model_cfg.backbone.stem_channels, model_cfg.backbone.base_width,
+    )
     enc = model_cfg.encoder
     pixel_decoder = PixelDecoder(
         backbone.out_channels,
@@ -416,7 +429,10 @@ def build_model(cfg) -> DIMaskDINO:
             hidden, model_cfg.num_classes, pixel_decoder.num_levels, tuple(cfg.train.hybrid_heads),
             max_positives=cfg.train.hybrid_max_positives, aux_weight=cfg.train.hybrid_aux_weight,
         )
-    return DIMaskDINO(
+    if cfg.train.amp == "fp16":  # the authors' recipe: these run in float32 under fp16 autocast
+        for module in [pixel_decoder, *decoder.layers] + ([token_interaction] if token_interaction is not None else []):
+            module.fp32_island = True
+    model = DIMaskDINO(
         backbone=backbone,
         pixel_decoder=pixel_decoder,
         heads=heads,
@@ -434,7 +450,12 @@ def build_model(cfg) -> DIMaskDINO:
         hybrid=hybrid,
         hybrid_masks=cfg.train.hybrid_masks,
         expose_embeddings=cfg.train.inter_scene or cfg.train.equivariance,
+        zero_train_padding=model_cfg.zero_train_padding,
     )
+    # Evaluation autocast on a GPU (evaluate.autocast_for): bf16 with train.amp=bf16; the authors
+    # evaluate in fp32 (detectron2's inference has no autocast).
+    model.inference_dtype = torch.bfloat16 if cfg.train.amp == "bf16" else torch.float32
+    return model
 
 
 __all__ = ["DIMaskDINO", "build_model"]

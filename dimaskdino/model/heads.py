@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dimaskdino.model.layers import MLP, inverse_sigmoid
+from dimaskdino.model.layers import MLP, refine_boxes
 
 
 class PredictionHeads(nn.Module):
@@ -20,9 +20,8 @@ class PredictionHeads(nn.Module):
         self.mask_embed = MLP(hidden_dim, hidden_dim, hidden_dim, 3)
 
     def refine_boxes(self, tokens: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """sigmoid(box MLP(tokens) + logit(reference)); reference is a normalized cxcywh box.
-        Box arithmetic stays float32 under autocast (a bf16 box is off by up to 4 px at 1024)."""
-        return (self.bbox_embed(tokens).float() + inverse_sigmoid(reference.float())).sigmoid()
+        """sigmoid(box MLP(tokens) + logit(reference)) with the shared box MLP."""
+        return refine_boxes(self.bbox_embed, tokens, reference)
 
     def masks(self, tokens: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
         """Mask logits: mask embedding of each token dotted with every pixel of the mask features."""
@@ -36,14 +35,23 @@ class PredictionHeads(nn.Module):
         with_masks: bool = True,
         point_masks: bool = False,
         with_embeddings: bool = False,
+        renorm: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Class logits and mask logits of the normalized queries; boxes refined from `reference`
         (normalized cxcywh) when it is given. point_masks=True: instead of the (B, Q, H, W) mask
         logits, "mask_embed" (B, Q, d) and "mask_features" (the given tensor, not a copy), from
         which the matcher and the criterion make logits only where they sample them.
         with_embeddings=True: "mask_embed" and "mask_features" besides the full "masks" (losses
-        that query pixels other than the image's own: instance-unique querying)."""
+        that query pixels other than the image's own: instance-unique querying).
+
+        renorm=True (decoder layers' outputs): the class and mask heads see decoder_norm applied
+        twice, the box head once, as in the authors' code (their decoder returns
+        decoder_norm(output) and their prediction heads normalize again). It cannot be folded into
+        the weights, so their checkpoints need it."""
         normed = self.decoder_norm(queries)
+        box_input = normed
+        if renorm:
+            normed = self.decoder_norm(normed)
         out = {"logits": self.class_embed(normed)}
         if with_masks and (point_masks or with_embeddings):
             out["mask_embed"] = self.mask_embed(normed)
@@ -53,7 +61,7 @@ class PredictionHeads(nn.Module):
         elif with_masks:
             out["masks"] = self.masks(normed, mask_features)
         if reference is not None:
-            out["boxes"] = self.refine_boxes(normed, reference)
+            out["boxes"] = self.refine_boxes(box_input, reference)
         return out
 
 

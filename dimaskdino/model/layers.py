@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,6 +17,7 @@ __all__ = [
     "MultiHeadAttention",
     "FeedForward",
     "inverse_sigmoid",
+    "refine_boxes",
     "sine_position_embedding_2d",
     "box_sine_embedding",
     "box_cxcywh_to_xyxy",
@@ -97,6 +99,32 @@ class FeedForward(nn.Module):
         return self.norm(x + self.linear2(F.relu(self.linear1(x))))
 
 
+def float32_under_autocast(forward):
+    """Decorator for a module's forward: when the module's `fp32_island` is True and autocast is
+    on, the forward runs with autocast off on float32 copies of its floating-point tensor
+    arguments (dicts and lists included). The authors' fp16 recipe runs their pixel decoder, TI
+    layers and decoder layers like this (@autocast(enabled=False)); model.fp32_layers switches it
+    on. Off (the default), the forward runs under the caller's autocast."""
+    from torch.utils._pytree import tree_leaves, tree_map
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        if not getattr(self, "fp32_island", False):
+            return forward(self, *args, **kwargs)
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        device_type = tensors[0].device.type if tensors else "cpu"
+        if not torch.is_autocast_enabled(device_type):
+            return forward(self, *args, **kwargs)
+
+        def to_float(value):
+            return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        with torch.autocast(device_type, enabled=False):
+            return forward(self, *tree_map(to_float, args), **tree_map(to_float, kwargs))
+
+    return wrapper
+
+
 def xavier_init_weights(module: nn.Module) -> None:
     """Xavier-uniform for every weight matrix under `module` (the DETR-family transformer init)."""
     for parameter in module.parameters():
@@ -108,6 +136,12 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """logit(x) with x clamped to [0, 1] and both x and 1 - x kept >= eps, so it stays finite."""
     x = x.clamp(min=0.0, max=1.0)
     return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
+
+
+def refine_boxes(box_mlp: nn.Module, tokens: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """sigmoid(box_mlp(tokens) + logit(reference)); reference is a normalized cxcywh box.
+    Box arithmetic stays float32 under autocast (a bf16 box is off by up to 4 px at 1024)."""
+    return (box_mlp(tokens).float() + inverse_sigmoid(reference.float())).sigmoid()
 
 
 def _sine_cosine(coords: torch.Tensor, num_feats: int, temperature: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dimaskdino.model.layers import FeedForward, sine_position_embedding_2d, xavier_init_weights
+from dimaskdino.model.layers import FeedForward, float32_under_autocast, sine_position_embedding_2d, xavier_init_weights
 from dimaskdino.model.ms_deform_attn import MSDeformAttn
 
 
@@ -119,6 +119,7 @@ class PixelDecoder(nn.Module):
         c2_xavier_fill(self.output_conv[0])
         c2_xavier_fill(self.mask_features)
 
+    @float32_under_autocast
     def forward(self, features: dict[str, torch.Tensor]) -> EncodedFeatures:
         res5 = features["res5"]
         levels = [self.input_proj[i](features[name]) for i, name in enumerate(("res3", "res4", "res5"))]

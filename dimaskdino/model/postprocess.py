@@ -6,7 +6,8 @@
   cropped to the valid image size, resized bilinearly to the original size, then > 0;
 - final score = class probability x mean mask probability inside the mask (at the original size);
 - boxes from the box head: cxcywh normalized to the PADDED input -> xyxy pixels of the padded input,
-  clipped to the valid image, scaled to the original image.
+  scaled to the original image; not clipped to the image (the authors' box_postprocess does not
+  clip, and COCO evaluation takes the boxes as they are).
 """
 
 from __future__ import annotations
@@ -51,13 +52,12 @@ def _masks_to_original(mask_logits, padded_size, image_size, original_size):
 
 
 def _boxes_to_original(boxes_cxcywh, padded_size, image_size, original_size):
-    """Normalized cxcywh over the padded input -> xyxy pixels of the original image."""
+    """Normalized cxcywh over the padded input -> xyxy pixels of the original image (not clipped)."""
     padded_h, padded_w = padded_size
     height, width = image_size
     original_h, original_w = original_size
     boxes = box_cxcywh_to_xyxy(boxes_cxcywh.float())
     boxes = boxes * boxes.new_tensor([padded_w, padded_h, padded_w, padded_h])
-    boxes = torch.minimum(boxes.clamp(min=0), boxes.new_tensor([width, height, width, height]))
     return boxes * boxes.new_tensor([original_w / width, original_h / height, original_w / width, original_h / height])
 
 
