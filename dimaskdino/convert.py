@@ -106,8 +106,10 @@ def _as_tensor(path: str, key: str, value) -> torch.Tensor:
     raise ConversionError(f"{path}: key '{key}' holds a {type(value).__name__}, not a tensor or array")
 
 
-def read_authors_state(path: str) -> dict[str, torch.Tensor]:
-    """The model state dict of an authors' checkpoint file (.pth / .pkl), as CPU tensors."""
+def read_authors_state(path: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The model state dict of an authors' checkpoint file (.pth / .pkl), as CPU tensors.
+    allow_pickle: load a .pth with full pickle (it can run code: trusted files only), for a
+    training checkpoint that also holds detectron2's scheduler state."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -115,10 +117,11 @@ def read_authors_state(path: str) -> dict[str, torch.Tensor]:
             with open(path, "rb") as f:
                 data = _ArraysOnlyUnpickler(f).load()
         else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as error:  # any unreadable file: one line, no traceback
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConversionError(f"{path}: not a readable checkpoint ({detail})") from error
+        hint = "" if allow_pickle or path.endswith(".pkl") else "; a trusted training checkpoint with scheduler state needs --allow-pickle"
+        raise ConversionError(f"{path}: not a readable checkpoint ({detail}){hint}") from error
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         data = data["model"]
     if not isinstance(data, dict) or not data:
@@ -397,11 +400,11 @@ def write_engine_checkpoint(out: str, state: dict[str, torch.Tensor], cfg: Confi
 
 
 def convert(in_path: str, out_path: str, preset: str | None = None, overrides: list[str] | None = None,
-            categories_json: str | None = None) -> Path:
+            categories_json: str | None = None, allow_pickle: bool = False) -> Path:
     """Read, map, check, then write; nothing is written unless every check passes."""
     if Path(out_path).exists():
         raise ConversionError(f"{out_path}: already exists; choose a new output folder")
-    state = read_authors_state(in_path)
+    state = read_authors_state(in_path, allow_pickle)
     cfg = infer_config(state, preset, list(overrides or []), in_path)
     converted, source = authors_to_engine(state, cfg, in_path)
     check_against_model(converted, source, cfg, in_path)
@@ -421,13 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--categories", default=None, metavar="COCO_JSON",
                         help="a COCO json whose categories, sorted by id, are the labels 0..C-1 "
                              "(default: COCO 2017's for 80 classes, else ids 1..C)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load a .pth with full pickle (it can run code: only for files you trust), e.g. a "
+                             "training checkpoint that also holds detectron2's scheduler state")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. model.hidden_dim=128)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # overrides may follow the options
-    out = convert(args.input, args.output, args.preset, args.overrides, args.categories)
+    out = convert(args.input, args.output, args.preset, args.overrides, args.categories, args.allow_pickle)
     print(f"wrote {out} (from {args.input})")
     return 0
 

@@ -190,3 +190,27 @@ def test_detectron2_pkl_converts_like_the_pth(tmp_path):
         pickle.dump({"model": {"x": subprocess.Popen}}, f)
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         read_authors_state(str(evil))
+
+
+@pytest.mark.parametrize("kind, layers, di", [("dimaskdino", 6, True), ("maskdino", 9, False)])
+def test_full_size_authors_keys_convert_to_the_presets(kind, layers, di):
+    """Every key and shape of the authors' full R50 COCO models (as their code builds them,
+    listed by the fixture maker's harness) maps onto the engine preset the converter picks."""
+    from dimaskdino.convert import authors_to_engine, check_against_model, infer_config
+
+    state = {}
+    for line in (Path(parity.FIXTURES) / f"keys-{kind}-r50.txt").read_text().splitlines():
+        key, shape = line.split(" ", 1)
+        dims = tuple(int(v) for v in shape.strip("()").split(",") if v.strip())
+        state[key] = torch.zeros(()).expand(dims)  # no memory: only names and shapes matter here
+    cfg = infer_config(state, None, [], kind)
+    assert (cfg.model.decoder.num_layers, cfg.model.di.enabled, cfg.model.num_classes) == (layers, di, 80)
+    assert (cfg.model.backbone.stem_channels, cfg.model.backbone.base_width) == (64, 64)
+    converted, source = authors_to_engine(state, cfg, kind)
+    check_against_model(converted, source, cfg, kind)
+    from dimaskdino.model import build_model
+
+    with torch.device("meta"):
+        parameters = dict(build_model(cfg).named_parameters())
+    # the issue's counts: every parameter of the engine's full model comes from their checkpoint
+    assert sum(converted[name].numel() for name in parameters) == {"dimaskdino": 52_286_232, "maskdino": 52_058_004}[kind]

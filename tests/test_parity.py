@@ -321,21 +321,7 @@ def test_live_outputs_match_the_authors(kind):
 def test_live_criterion_terms_match_the_authors(kind):
     model = _live_model(kind)
     fx = fixture(kind)
-    outputs, targets, mask_dict = harness_criterion_inputs(fx)
+    outputs, targets, mask_dict = harness.criterion_inputs(fx)
     theirs = harness.run_criterion(model, outputs, targets, mask_dict, fx["train/matcher_points"],
                                    fx["train/loss_points"], kind=kind)
     assert_losses_match(kind, fx, {name: value.detach() for name, value in theirs.items()})
-
-
-def harness_criterion_inputs(fx: dict):
-    """Their criterion's (outputs, targets, mask_dict) rebuilt from the flattened fixture."""
-    return tuple(_unflatten(fx, f"train/{name}") for name in ("outputs", "criterion_targets", "mask_dict"))
-
-
-def _unflatten(fx: dict, prefix: str):
-    if prefix in fx:
-        return fx[prefix]
-    if f"{prefix}/#len" in fx:
-        return [_unflatten(fx, f"{prefix}/{i}") for i in range(fx[f"{prefix}/#len"])]
-    children = sorted({key[len(prefix) + 1:].split("/", 1)[0] for key in fx if key.startswith(prefix + "/")})
-    return {child: _unflatten(fx, f"{prefix}/{child}") for child in children}
