@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from dimaskdino import dist as distributed
+from dimaskdino._optional import MissingOptionalDependency, import_optional
 from dimaskdino.amp import MixedPrecision
 from dimaskdino.checkpoint import find_resumable, load_checkpoint, load_checkpoint_extra, resolve_checkpoint, save_checkpoint
 from dimaskdino.cli import ArgumentParser, run_cli
@@ -250,6 +251,7 @@ class RunLog:
         _truncate_jsonl(output_dir / "log.jsonl", start_step)
         self.jsonl = open(output_dir / "log.jsonl", "a")
         try:
+            import_optional("tensorboard", "TensorBoard logging")
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: TensorBoard discards the earlier events at steps >= S + 1.
@@ -260,8 +262,11 @@ class RunLog:
         self.started = time.time()
         self.start_step = start_step
         if sys.stdout.isatty():
-            from tqdm import tqdm
-
+            try:
+                tqdm = import_optional("tqdm", "the progress bar").tqdm
+            except MissingOptionalDependency as error:
+                logger.warning("no progress bar: %s", error)
+                return
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stdout,
                             mininterval=1.0)
 

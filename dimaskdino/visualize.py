@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from dimaskdino._optional import import_optional
+
 MASK_ALPHA = 0.5
 OUTLINE_WIDTH = 2
 SAME_CLASS_IOU = 0.5  # a second detection of one class over the same object: hidden
@@ -36,6 +38,10 @@ GRID_CELL = 384  # grid pictures are scaled so that their long side is this many
 GRID_GAP = 4
 LEGEND_BACKGROUND = (255, 255, 255)
 DARK_EDGE = (0, 0, 0)
+
+
+def _pil(module: str):
+    return import_optional(f"PIL.{module}", "drawing predictions")  # Pillow
 
 
 def _numpy(value) -> np.ndarray:
@@ -69,7 +75,7 @@ def _check_image(image) -> np.ndarray:
 
 
 def _font(size: int):
-    from PIL import ImageFont
+    ImageFont = _pil("ImageFont")
 
     try:
         return ImageFont.load_default(size=size)  # scalable (Pillow >= 10.1 with FreeType)
@@ -261,7 +267,7 @@ def overlay(image, masks, boxes, labels, scores, class_names: Sequence[str] | No
     `image` (no duplicate filtering: `display_picture` chooses what to draw): outlined
     class-colour masks, box outlines and "name score" labels placed so they do not overlap
     (a label with no room is left out). masks may be None (boxes only)."""
-    from PIL import Image, ImageDraw
+    Image, ImageDraw = _pil("Image"), _pil("ImageDraw")
 
     image = _check_image(image)
     boxes = _numpy(boxes).reshape(-1, 4).astype(np.float64)
@@ -300,7 +306,7 @@ def with_legend(picture: np.ndarray, labels: Sequence[int], class_names: Sequenc
                 choice: DisplayChoice) -> np.ndarray:
     """`picture` with a strip below it: a colour swatch and name for each class drawn, and the
     rule that chose the detections (`DisplayChoice.describe`), wrapped to the picture's width."""
-    from PIL import Image, ImageDraw
+    Image, ImageDraw = _pil("Image"), _pil("ImageDraw")
 
     width = picture.shape[1]
     font = _font(_font_size(width, 0) if width < 640 else 14)
@@ -358,7 +364,7 @@ def display_picture(image, prediction: dict, class_names: Sequence[str] | None =
 def _scaled(image: np.ndarray, prediction: dict, cell: int) -> tuple[np.ndarray, dict]:
     """The image and its predictions resized so the long side is `cell` pixels (labels are then
     drawn at a size that suits the cell, whatever the image's resolution)."""
-    from PIL import Image
+    Image = _pil("Image")
 
     height, width = image.shape[:2]
     scale = cell / max(height, width)
@@ -393,7 +399,7 @@ def save_overlay_grid(
     threshold, chosen from their scores unless score_threshold is given). Each picture is scaled
     so its long side is cell_size; columns default to a near-square grid.
     """
-    from PIL import Image
+    Image = import_optional("PIL.Image", "writing images")  # Pillow
 
     if not images_and_predictions:
         raise ValueError("save_overlay_grid: no images")

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
+import sys
+import warnings
+from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -21,14 +25,33 @@ def _triton_interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+def _source_tree_kernels() -> None:
+    """Makes dimaskdino.kernels importable from a source checkout that was not pip-installed (the
+    repo's top-level kernels/ folder is mapped to dimaskdino.kernels only by the install)."""
+    if "dimaskdino.kernels" in sys.modules or importlib.util.find_spec("dimaskdino.kernels") is not None:
+        return
+    folder = Path(__file__).resolve().parents[2] / "kernels"
+    if not (folder / "__init__.py").is_file():
+        return
+    spec = importlib.util.spec_from_file_location("dimaskdino.kernels", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dimaskdino.kernels"] = module
+    spec.loader.exec_module(module)
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_module(name: str):
     """dimaskdino.kernels.<name>, imported on first use: triton.jit decides at decoration time
     whether a kernel is compiled or interpreted, so the import must follow TRITON_INTERPRET."""
+    _source_tree_kernels()
     return importlib.import_module(f"dimaskdino.kernels.{name}")
 
 
+@functools.lru_cache(maxsize=None)
 def kernels_interpreted(name: str) -> bool:
+    """Whether the kernels of dimaskdino.kernels.<name> are interpreted: fixed when the module is
+    imported (once, kernel_module), so walking the module once is enough; ops ask on every call."""
     from triton.runtime.interpreter import InterpretedFunction
 
     module = kernel_module(name)
@@ -43,6 +66,10 @@ def triton_status(name: str, device_type: str) -> str:
         import triton  # noqa: F401
     except ImportError as error:
         return f"unavailable: triton is not importable ({error})"
+    try:
+        kernel_module(name)
+    except ImportError as error:
+        return f"unavailable: the Triton kernels dimaskdino.kernels.{name} are not importable ({error})"
     if device_type == "cpu":
         if not _triton_interpret_requested():
             return (
@@ -104,6 +131,19 @@ def check_direct_call(op: str, kernels: str, tensor: torch.Tensor, unsupported: 
         raise RuntimeError(f"{op}: the Triton kernel cannot run on {device}: {status.removeprefix('unavailable: ')}")
     if unsupported is not None:
         raise ValueError(f"{op}: {unsupported}")
+
+
+def alert_not_deterministic(what: str) -> None:
+    """As PyTorch's own nondeterministic CUDA backward passes (grid_sample's): an error under
+    torch.use_deterministic_algorithms(True), a warning under warn_only=True, nothing otherwise.
+    Public API only: torch._C._alert_not_deterministic no longer exists (torch 2.11 to 2.14)."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = f"{what} does not have a deterministic implementation, but you set 'torch.use_deterministic_algorithms(True)'"
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(f"{message} with warn_only=True", stacklevel=2)
+        return
+    raise RuntimeError(f"{message}; use impl='ref' for this op or warn_only=True")
 
 
 def dot_precision(dtype: torch.dtype) -> str:
