@@ -422,7 +422,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_stats):
     masks, points, targets = ctx.saved_tensors
     if masks.is_cuda:  # errors (or warns) under torch.use_deterministic_algorithms, as grid_sample's backward
-        torch._C._alert_not_deterministic("point_mask_loss backward (Triton kernel with atomic adds)")
+        torch._prims_common.alert_not_deterministic("point_mask_loss backward (Triton kernel with atomic adds)")
     grad = torch.ops.dimaskdino._point_mask_loss_stats_backward(grad_stats, masks, points, targets)
     return grad, None, None
 
