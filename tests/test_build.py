@@ -66,6 +66,74 @@ def test_cuda_glue_compiles_against_torch_headers(source, tmp_path):
     assert result.returncode == 0, f"g++ failed on {source}:\n{result.stderr[-4000:]}"
 
 
+def setup_module_functions():
+    """setup.py's functions, without running setup()."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dimaskdino_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_setup_uses_cxx20_from_torch_2_14():
+    cxx_standard = setup_module_functions().cxx_standard
+    assert cxx_standard("2.14.1+cu130") == "c++20"
+    assert cxx_standard("2.15.0.dev20260101") == "c++20"
+    assert cxx_standard("3.0.0") == "c++20"
+    assert cxx_standard("2.13.0+cpu") == "c++17"
+    assert cxx_standard("2.11.0") == "c++17"
+
+
+def test_setup_finds_the_toolkit_behind_an_nvcc_wrapper(tmp_path):
+    """Where the nvcc on PATH is a wrapper script outside the toolkit, torch would take its parent
+    folder as CUDA_HOME and miss cuda_runtime.h; setup.py asks nvcc where it runs from."""
+    real_nvcc = nvcc_or_skip()
+    setup = setup_module_functions()
+    toolkit = setup.toolkit_of_nvcc(real_nvcc)
+    assert toolkit is not None and (Path(toolkit) / "include" / "cuda_runtime.h").exists()
+    wrapper = tmp_path / "wrappers" / "bin" / "nvcc"
+    wrapper.parent.mkdir(parents=True)
+    wrapper.write_text(f'#!/bin/sh\nexec {os.path.realpath(real_nvcc)} "$@"\n')
+    wrapper.chmod(0o755)
+    home, how = setup.cuda_home({"PATH": f"{wrapper.parent}:/usr/bin:/bin"})
+    assert home == toolkit and str(wrapper) in how
+    assert setup.cuda_home({"PATH": "/usr/bin", "CUDA_HOME": "/opt/x"}) == ("/opt/x", "CUDA_HOME from the environment")
+
+
+CUDA_EXTENSION_CHECK = """
+import os, subprocess, torch
+import dimaskdino._C
+from dimaskdino import _extension
+from dimaskdino.ops import ms_deform_attn  # noqa: F401  (registers the fake kernels and autograd)
+
+assert torch.version.cuda is not None, torch.__version__
+assert os.path.samefile(dimaskdino._C.__file__, os.environ["DIMASKDINO_CUDA_EXTENSION"]), dimaskdino._C.__file__
+assert _extension.load_error() is None, _extension.load_error()
+for op in ("dimaskdino::ms_deform_attn", "dimaskdino::_ms_deform_attn_backward"):
+    for key in ("CUDA", "CPU"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), (op, key)
+# The kernels inside are Hopper code (the .cu files compiled and linked, not just the glue).
+import triton
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+listing = subprocess.run([cuobjdump, "--list-elf", dimaskdino._C.__file__], capture_output=True, text=True, check=True).stdout
+assert "sm_90a" in listing, listing
+print("ok", torch.__version__, listing.strip().splitlines()[0])
+"""
+
+
+def test_cuda_extension_builds_and_loads_against_cuda_torch():
+    """FORCE_CUDA=1 build of the whole extension (glue + every .cu, linked) against a CUDA build of
+    torch with this machine's nvcc, then the ops load from it with CUDA kernels registered. The
+    build is cached (tests/cuda_torch.py); under CI a failure to build fails here."""
+    from cuda_torch import cuda_torch_or_skip
+
+    python, env = cuda_torch_or_skip()
+    result = subprocess.run([python, "-c", CUDA_EXTENSION_CHECK], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-4000:]}"
+    assert result.stdout.startswith("ok ")
+
+
 def test_cmake_builds_the_same_sources(tmp_path):
     if shutil.which("cmake") is None:
         pytest.skip("cmake not found")
