@@ -124,6 +124,82 @@ class DeviceFreeFakeTensorMode(FakeTensorMode):
         return True
 
 
+class FixedDataDependentAnswers(TorchDispatchMode):
+    """Fixed answers where a shape or a Python value depends on tensor values, which fake tensors
+    do not have (the hybrid heads' anchor assignment, sampling, NMS and RoI level split; the step
+    without them has none). Only shapes follow from these answers; every use is counted in the
+    report. A boolean selection (nonzero, x[mask], masked_select) keeps min(n, FIXED_SELECTED)
+    elements, except that of several masks compared from the same tensor (`levels == level` for
+    each level, `assigned >= 0` and `assigned == -1`) only the first selects anything: such masks
+    partition their tensor, and code relies on the parts adding up. bincount has `minlength`
+    bins, torch.equal is True (an iteration to a fixed point stops after one pass), a scalar read
+    (.item(), bool(t), int(t)) gives True / FIXED_SELECTED / 1.0."""
+
+    FIXED_SELECTED = 1024  # at least the 2 x 512 sampled RoIs, so that their level split adds up
+    COMPARISONS = ("eq", "ne", "ge", "gt", "le", "lt")
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+        self.compared_from: dict[StorageWeakRef, StorageWeakRef] = {}  # mask storage -> compared tensor's
+        self.selected_sources: set[StorageWeakRef] = set()
+        self.keep = []
+
+    def _count(self, name: str) -> None:
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def _nonzero(self, mask: torch.Tensor) -> torch.Tensor:
+        source = self.compared_from.get(StorageWeakRef(mask.untyped_storage()))
+        kept = min(mask.numel(), self.FIXED_SELECTED)
+        if source is not None:
+            if source in self.selected_sources:
+                kept = 0
+            self.selected_sources.add(source)
+        return torch.zeros((kept, mask.dim()), dtype=torch.int64, device=mask.device)
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func.namespace == "aten" and func._opname in self.COMPARISONS and isinstance(args[0], torch.Tensor):
+            out = func(*args, **kwargs)
+            self.compared_from[StorageWeakRef(out.untyped_storage())] = StorageWeakRef(args[0].untyped_storage())
+            self.keep += [out, args[0]]  # storage ids stay unique while recorded
+            return out
+        if func is aten.nonzero.default:
+            self._count("nonzero")
+            return self._nonzero(args[0])
+        if func is aten.masked_select.default:
+            self._count("masked_select")
+            source, mask = torch.broadcast_tensors(args[0], args[1])
+            return source.reshape(-1)[: min(mask.numel(), self.FIXED_SELECTED)].clone()
+        if func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._unsafe_index_put.default):
+            indices = args[1]
+            if any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices):
+                self._count(f"{func.__name__} with a boolean mask")
+                expanded = []
+                for index in indices:
+                    if index is not None and index.dtype in (torch.bool, torch.uint8):
+                        expanded.extend(self._nonzero(index).unbind(1))
+                    else:
+                        expanded.append(index)
+                return func(args[0], expanded, *args[2:], **kwargs)
+        if func is aten.bincount.default:
+            self._count("bincount")
+            weights = args[1] if len(args) > 1 else kwargs.get("weights")
+            minlength = args[2] if len(args) > 2 else kwargs.get("minlength", 0)
+            dtype = torch.float64 if weights is not None else torch.int64
+            return torch.zeros((max(int(minlength), 1),), dtype=dtype, device=args[0].device)
+        if func is aten.equal.default:
+            self._count("equal")
+            return True
+        if func is aten._local_scalar_dense.default:
+            self._count("scalar read")
+            if args[0].dtype == torch.bool:
+                return True
+            return 1.0 if args[0].is_floating_point() else self.FIXED_SELECTED
+        return func(*args, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------
 # What reaches the kernels
 
@@ -241,8 +317,14 @@ def walk_backward(loss: torch.Tensor) -> int:
     nodes themselves (each op's derivative formula, the project's registered backward ops and
     autograd.Functions, AccumulateGrad) are the same; what the engine adds and this does too:
     gradients summed per input, reduced to the input's shape and cast to its dtype
-    (validate_outputs). Not reproduced: tensor hooks (the model registers none), streams, threads.
+    (validate_outputs), and grad mode off while the nodes run (no graph of the backward, nothing
+    saved by it). Not reproduced: tensor hooks (the model registers none), streams, threads.
     """
+    with torch.no_grad():
+        return _walk_backward(loss)
+
+
+def _walk_backward(loss: torch.Tensor) -> int:
     root = loss.grad_fn
     pending: dict = {}  # node -> how many edges into it are still to run
     stack, seen = [root], {root}
@@ -460,8 +542,9 @@ def run_step(preset: str, size: int, batch_size: int, overrides: list[str], trac
         parameters = list(model.parameters())
         saved = SavedTensors(parameters)
         kernels = KernelRecorder()
+        fixed = FixedDataDependentAnswers()
         autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-        with tracer.active(), kernels, saved.hooks():
+        with tracer.active(), fixed, kernels, saved.hooks():
             losses = step_losses(model, criterion, cfg, batch, 0, device, autocast, inter_scene)
             total = sum(losses.values())
             backward_nodes = walk_backward(total)
@@ -480,6 +563,7 @@ def run_step(preset: str, size: int, batch_size: int, overrides: list[str], trac
         "train_masks": "auto -> points" if model.uses_point_masks(device) else "auto -> full",
         "fake_step_seconds": round(seconds, 2),
         "backward_nodes_run": backward_nodes,
+        "fixed_data_dependent_answers": fixed.counts,
         "loss_terms": len(losses), "loss_keys": sorted(losses), "loss_dtypes": loss_dtypes, "losses_on_cuda": all_cuda,
         "parameters_without_grad": missing_grads,
         "kernels": kernels.report(),
