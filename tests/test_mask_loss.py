@@ -570,3 +570,34 @@ def test_kernels_compile_for_hopper():
                             env=env, cwd=root, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "cost bf16 True" in result.stdout and "loss ok True" in result.stdout, result.stdout
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    """Restores torch's determinism settings after a test that changes them."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield torch.use_deterministic_algorithms
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def test_cuda_backward_alerts_under_deterministic_algorithms(deterministic_algorithms):
+    """The CUDA-only branch of the loss backward (its kernel scatters with atomic adds), run on fake
+    CUDA tensors: it used to call a torch._C function that no supported torch has."""
+    from types import SimpleNamespace
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dimaskdino.ops import mask_loss as mask_loss_module
+
+    with FakeTensorMode():
+        masks, points, targets = (torch.empty(shape, device="cuda") for shape in ((2, 8, 8), (2, 5, 2), (2, 5)))
+        ctx, grad_stats = SimpleNamespace(saved_tensors=(masks, points, targets)), torch.empty(2, 4, device="cuda")
+        deterministic_algorithms(False)
+        grad, *_ = mask_loss_module._backward(ctx, grad_stats)
+        assert grad.shape == masks.shape and grad.device.type == "cuda"
+        deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="point_mask_loss backward"):
+            mask_loss_module._backward(ctx, grad_stats)
+        deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="point_mask_loss backward .* deterministic"):
+            mask_loss_module._backward(ctx, grad_stats)

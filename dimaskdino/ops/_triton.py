@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -28,7 +29,10 @@ def kernel_module(name: str):
     return importlib.import_module(f"dimaskdino.kernels.{name}")
 
 
+@functools.lru_cache(maxsize=None)
 def kernels_interpreted(name: str) -> bool:
+    """Whether the kernels of dimaskdino.kernels.<name> are interpreted: fixed when the module is
+    imported (once, kernel_module), so walking the module once is enough; ops ask on every call."""
     from triton.runtime.interpreter import InterpretedFunction
 
     module = kernel_module(name)
@@ -104,6 +108,19 @@ def check_direct_call(op: str, kernels: str, tensor: torch.Tensor, unsupported: 
         raise RuntimeError(f"{op}: the Triton kernel cannot run on {device}: {status.removeprefix('unavailable: ')}")
     if unsupported is not None:
         raise ValueError(f"{op}: {unsupported}")
+
+
+def alert_not_deterministic(what: str) -> None:
+    """As PyTorch's own nondeterministic CUDA backward passes (grid_sample's): an error under
+    torch.use_deterministic_algorithms(True), a warning under warn_only=True, nothing otherwise.
+    Public API only: torch._C._alert_not_deterministic no longer exists (torch 2.11 to 2.14)."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = f"{what} does not have a deterministic implementation, but you set 'torch.use_deterministic_algorithms(True)'"
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(f"{message} with warn_only=True", stacklevel=2)
+        return
+    raise RuntimeError(f"{message}; use impl='ref' for this op or warn_only=True")
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -48,6 +48,7 @@ from torch.library import triton_op, wrap_triton
 
 from dimaskdino.ops._triton import (
     IMPLS,
+    alert_not_deterministic,
     cdiv,
     check_direct_call,
     dot_precision,
@@ -421,8 +422,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_stats):
     masks, points, targets = ctx.saved_tensors
-    if masks.is_cuda:  # errors (or warns) under torch.use_deterministic_algorithms, as grid_sample's backward
-        torch._prims_common.alert_not_deterministic("point_mask_loss backward (Triton kernel with atomic adds)")
+    if masks.is_cuda:
+        alert_not_deterministic("point_mask_loss backward (Triton kernel with atomic adds)")
     grad = torch.ops.dimaskdino._point_mask_loss_stats_backward(grad_stats, masks, points, targets)
     return grad, None, None
 
