@@ -162,7 +162,7 @@ class MsdaShape:
 
 
 def msda_shapes(device: torch.device) -> list[MsdaShape]:
-    side = 128 if device.type == "cuda" else 32
+    side = 128 if device.type == "cuda" else (16 if QUICK else 32)
     levels = tuple((side >> i, side >> i) for i in range(4))
     tokens = sum(h * w for h, w in levels)
     return [MsdaShape("encoder", 2, levels, tokens), MsdaShape("decoder", 2, levels, 400)]
@@ -351,7 +351,7 @@ def bench_bato(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
     from dimaskdino.ops._triton import triton_status
 
     gpu = device.type == "cuda"
-    shape = dict(name="bato", batch=2, seq=21_760 if gpu else 1_360, keys=50, heads=8, head_dim=32,
+    shape = dict(name="bato", batch=2, seq=21_760 if gpu else (340 if QUICK else 1_360), keys=50, heads=8, head_dim=32,
                  layout="q = (B, S, H, D).transpose(1, 2)")
     batch, seq, keys, heads, dim = shape["batch"], shape["seq"], shape["keys"], shape["heads"], shape["head_dim"]
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -450,7 +450,7 @@ def bench_topk(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
     elem = torch.finfo(dtype).bits // 8
     dim, classes = 256, 80
     shapes = [
-        dict(name="first", batch=2, seq=21_760 if gpu else 1_360, dim=dim, classes=classes, k=600, proj=True),
+        dict(name="first", batch=2, seq=21_760 if gpu else (340 if QUICK else 1_360), dim=dim, classes=classes, k=600, proj=True),
         dict(name="second", batch=2, seq=600, dim=dim, classes=classes, k=300, proj=False),
     ]
     impls = {
@@ -578,6 +578,8 @@ def bench_mask_loss(device: torch.device, reps: int, peak_gbs: float) -> list[di
     dtype = torch.bfloat16 if gpu else torch.float32
     side, num_points = (256, 12_544) if gpu else (64, 784)
     batch, queries, interm_queries, layers, dim, num_gt = 2, 300, 600, 6, 256, 20
+    if QUICK and not gpu:  # the dry run tests the script: a tenth of the work
+        side, num_points, layers = 32, 196, 1
     shape = dict(name="mask_loss", batch=batch, queries=queries, interm_queries=interm_queries, decoder_layers=layers,
                  dim=dim, mask=[side, side], points=num_points, gt_per_image=num_gt, outputs=2 + layers)
 
