@@ -5,7 +5,7 @@
 # has numpy, and each listed package needs nothing else it lacks.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python -m pip download --only-binary=:all: --no-deps --python-version 3.12 --implementation cp --abi cp312 \
+"${PYTHON:-python3}" -m pip download --only-binary=:all: --no-deps --python-version 3.12 --implementation cp --abi cp312 \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d "$root/.whl" -r "$root/benchmarks/gpu_wheels.txt"
 du -sh "$root/.whl"

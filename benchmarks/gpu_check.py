@@ -75,7 +75,11 @@ def plan(dry_run: bool, out: Path) -> list[Step]:
         steps.append(Step("nvidia-smi", 15, 2, [nvidia_smi]))
     if wheels:
         install = [python, "-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check"]
-        steps.append(Step("wheels", 60, 10, install + (["--dry-run"] if dry_run else []) + [str(w) for w in wheels]))
+        if dry_run:  # the wheels are for the GPU image's CPython 3.12: check that pip would take them there
+            install += ["--dry-run", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312",
+                        "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64", "--platform", "any",
+                        "--target", str(out / "wheel-check")]
+        steps.append(Step("wheels", 60, 10, install + [str(w) for w in wheels]))
     else:
         steps.append(Step("wheels", 60, 10, None, skip_reason="no .whl/ folder (bash benchmarks/fetch_gpu_wheels.sh, then carry .whl)"))
     cores = str(os.cpu_count() or 1)

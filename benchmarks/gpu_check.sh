@@ -10,4 +10,4 @@
 #   bash benchmarks/gpu_check.sh --dry-run
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-exec "${PYTHON:-python}" benchmarks/gpu_check.py "$@"
+exec "${PYTHON:-python3}" benchmarks/gpu_check.py "$@"

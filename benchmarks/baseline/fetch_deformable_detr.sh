@@ -17,4 +17,4 @@ rm -rf "$dest" && mkdir -p "$root/.baseline"
 git clone --quiet "$source" "$dest"
 git -C "$dest" checkout --quiet "$commit" 2>/dev/null || git -C "$dest" checkout --quiet FETCH_HEAD 2>/dev/null || true
 echo "fetched $(git -C "$dest" rev-parse HEAD) into $dest"
-python "$root/benchmarks/baseline/deformable_detr.py" "$dest/models/ops/src"
+"${PYTHON:-python3}" "$root/benchmarks/baseline/deformable_detr.py" "$dest/models/ops/src"
