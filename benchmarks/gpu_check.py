@@ -7,7 +7,8 @@ that could not get its minimum time, and cuts a step's budget to what is left:
  1. environment   versions (python, torch, CUDA, triton, nvcc) and nvidia-smi
  2. wheels        pip install --no-index --no-deps of the wheels brought in .whl/
                   (benchmarks/gpu_wheels.txt, fetched by benchmarks/fetch_gpu_wheels.sh)
- 3. build         FORCE_CUDA=1 build of the extension with every core, for sm_90a
+ 3. build         FORCE_CUDA=1 build of the extension with every core, for sm_90a; then the
+                  original Deformable-DETR kernel from .baseline/ (benchmarks/baseline/)
  4. gpu tests     pytest -m gpu (pytest-xdist)
  5. sanitizer     compute-sanitizer --tool memcheck on benchmarks/sanitize_kernels.py (every
                   kernel, forward and backward, small shapes, checked against float64)
@@ -87,6 +88,7 @@ def plan(dry_run: bool, out: Path) -> list[Step]:
         # The plan setup.py would build (it needs no compiler); the suite builds the CPU extension.
         steps.append(Step("build", 120, 10, [python, "-c", "import runpy, sys; sys.argv = ['setup.py', '--name']; "
                                                        f"runpy.run_path({str(ROOT / 'setup.py')!r}, run_name='__main__')"]))
+        steps.append(Step("baseline build", 90, 30, None, skip_reason="dry run: the original Deformable-DETR kernel is CUDA only"))
         steps.append(Step("gpu tests", 150, 20, [python, "-m", "pytest", "-m", "gpu", "-q", "--collect-only", "-p", "no:cacheprovider", "tests"]))
         steps.append(Step("sanitizer", 90, 20, [python, str(ROOT / "benchmarks" / "sanitize_kernels.py"), "--device", "cpu"],
                           env={"TRITON_INTERPRET": "1"}))
@@ -95,6 +97,11 @@ def plan(dry_run: bool, out: Path) -> list[Step]:
         return steps
     steps.append(Step("build", 150, 60, [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--disable-pip-version-check",
                                          "-e", str(ROOT)], env={"FORCE_CUDA": "1", "MAX_JOBS": cores, "DIMASKDINO_CUDA_ARCHS": "90a"}))
+    if (ROOT / ".baseline" / "Deformable-DETR").is_dir():
+        steps.append(Step("baseline build", 90, 30, [python, str(ROOT / "benchmarks" / "baseline" / "deformable_detr.py"), "--build"],
+                          env={"MAX_JOBS": cores}))
+    else:
+        steps.append(Step("baseline build", 90, 30, None, skip_reason="no .baseline/ (bash benchmarks/baseline/fetch_deformable_detr.sh, then carry .baseline)"))
     steps.append(Step("gpu tests", 120, 30, [python, "-m", "pytest", "-m", "gpu", "-q", "-x", "-n", "8", "-p", "no:cacheprovider", "tests"]))
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None:

@@ -24,7 +24,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     result, summary = run_check(tmp_path, "--dry-run", timeout=900)
     steps = summary["steps"]
     assert result.returncode == 0, result.stdout + result.stderr + json.dumps(steps, indent=1)[-4000:]
-    assert list(steps) == ["environment", "nvidia-smi", "wheels", "build", "gpu tests", "sanitizer", "kernels", "train step"]
+    assert list(steps) == ["environment", "nvidia-smi", "wheels", "build", "baseline build", "gpu tests", "sanitizer", "kernels", "train step"]
     assert steps["nvidia-smi"] == {"status": "skipped", "reason": "dry run"}
     for name in ("environment", "build", "gpu tests", "sanitizer", "kernels", "train step"):
         assert steps[name]["status"] == "ok", (name, steps[name])
@@ -42,7 +42,7 @@ def test_gpu_check_deadline_skips_what_would_overrun(tmp_path):
     assert result.returncode == 0, result.stderr
     for name, step in summary["steps"].items():
         assert step["status"] == "skipped", (name, step)
-        if name not in ("nvidia-smi", "wheels"):
+        if name not in ("nvidia-smi", "wheels", "baseline build"):
             assert step["reason"].startswith("deadline"), (name, step)
 
 

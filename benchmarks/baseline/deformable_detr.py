@@ -2,6 +2,7 @@
 and its build (torch.utils.cpp_extension.load, into a folder under .baseline/).
 
     python benchmarks/baseline/deformable_detr.py .baseline/Deformable-DETR/models/ops/src   # patch
+    python benchmarks/baseline/deformable_detr.py --build                                    # build (GPU)
 
 Only API renames, no change to what the kernels compute (the baseline must stay the original):
 - `AT_DISPATCH_FLOATING_TYPES(x.type(), ...)` -> `x.scalar_type()` (dispatch on a ScalarType);
@@ -78,6 +79,9 @@ def load(src: Path = SRC, verbose: bool = False, with_cuda: bool | None = None):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--build"]:  # the GPU check builds it before the kernel benchmarks
+        print(f"built {load(verbose=True).__file__}")
+        sys.exit(0)
     if len(sys.argv) != 2:
         raise SystemExit(__doc__)
     for name, count in patch_tree(Path(sys.argv[1])).items():
