@@ -93,7 +93,7 @@ def plan(dry_run: bool, out: Path) -> list[Step]:
         steps.append(Step("sanitizer", 90, 20, [python, str(ROOT / "benchmarks" / "sanitize_kernels.py"), "--device", "cpu"],
                           env={"TRITON_INTERPRET": "1"}))
         steps.append(Step("kernels", 180, 30, [python, str(ROOT / "benchmarks" / "kernels.py"), "--quick", "--out", str(out)]))
-        steps.append(Step("train step", 150, 30, [python, str(ROOT / "benchmarks" / "train_step.py"), "--quick", "--out", str(out)]))
+        steps.append(Step("train step", 240, 30, [python, str(ROOT / "benchmarks" / "train_step.py"), "--quick", "--out", str(out)]))
         return steps
     steps.append(Step("build", 150, 60, [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--disable-pip-version-check",
                                          "-e", str(ROOT)], env={"FORCE_CUDA": "1", "MAX_JOBS": cores, "DIMASKDINO_CUDA_ARCHS": "90a"}))

@@ -450,7 +450,7 @@ def bench_topk(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
     elem = torch.finfo(dtype).bits // 8
     dim, classes = 256, 80
     shapes = [
-        dict(name="first", batch=2, seq=21_760 if gpu else (340 if QUICK else 1_360), dim=dim, classes=classes, k=600, proj=True),
+        dict(name="first", batch=2, seq=21_760 if gpu else (680 if QUICK else 1_360), dim=dim, classes=classes, k=600, proj=True),
         dict(name="second", batch=2, seq=600, dim=dim, classes=classes, k=300, proj=False),
     ]
     impls = {

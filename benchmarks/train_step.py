@@ -211,13 +211,13 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--quick", action="store_true",
-                        help="the demo preset at 128x128, 1+1 steps: tests the script (the GPU check's dry run), no figures")
+                        help="the demo preset at 128x128, one timed step: tests the script (the GPU check's dry run), no figures")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
     if args.quick:
         args.preset = args.preset or "demo"
-        args.size, args.steps, args.warmup = args.size or 128, args.steps or 1, args.warmup if args.warmup is not None else 1
+        args.size, args.steps, args.warmup = args.size or 128, args.steps or 1, args.warmup if args.warmup is not None else 0
     args.preset = args.preset or "dimaskdino_r50_12ep"
     args.size = args.size or (1024 if gpu else 256)
     args.steps = args.steps or (10 if gpu else 3)
