@@ -1,16 +1,30 @@
 """Measures every kernel against its baselines and writes the figures as JSON.
 
-    python benchmarks/kernels.py [--ops msda] [--out benchmarks/results] [--reps N]
+    python benchmarks/kernels.py [--ops msda,bato,topk,mask_loss] [--out DIR] [--reps N] [--compile primary|all|none] [--quick]
+
+Method (GPU): every implementation is first checked against float64 (relative L2 error; a row
+over its dtype's tolerance is marked incorrect and not timed), then timed with
+triton.testing.do_bench (median, L2 flushed before every call) and once more as CUDA-graph
+replays (do_bench_cudagraph: launch gaps removed; "-" where the implementation cannot be
+captured). The same run measures the device's ceilings: the bandwidth of a large device-to-device
+copy and the rate of a large bf16 matmul; rows give their bytes moved as % of that copy bandwidth
+and, where counted, their FLOPs as % of that matmul rate. torch.compile rows (Inductor) only for
+the first shape and dtype of each suite unless --compile all (each compile costs seconds to
+minutes). On a CPU: host timers, median of --reps with min/max, reduced sizes.
+Results go to --out (default outputs/kernels; committed results are only updated by passing
+benchmarks/results on purpose) via benchmarks/provenance.write_result.
 
 MSDA rows: the pure-PyTorch reference, torch.compile of the reference, our native kernel for the
-device (C++ on CPU, CUDA on GPU) and the original Deformable-DETR extension
-(`MultiScaleDeformableAttention`) when it is importable. On a GPU the encoder shape of SPEC
+device (C++ on CPU, CUDA on GPU) and, on a GPU, the original Deformable-DETR kernel (float32
+and float64 only, as the original dispatches), built from .baseline/ by
+benchmarks/baseline/deformable_detr.py (fetched and patched by
+benchmarks/baseline/fetch_deformable_detr.sh; never committed). On a GPU the encoder shape of SPEC
 (B=2, levels 128/64/32/16 so S=Q=21,760, H=8, D=32, P=4) and the decoder shape (Q=400); on a CPU
 the same with every level 4x smaller per side (S=Q=1,360), so a run takes minutes, not hours.
 
 Bandwidth: the floor is the bytes an ideal kernel must move (read value, locations, weights once,
 write the output; for the backward also read the output gradient and write every input gradient),
-and "% floor" is that floor's time at the device's peak bandwidth divided by the measured time.
+and "% floor" is that floor's time at the measured copy bandwidth divided by the measured time.
 """
 
 from __future__ import annotations
@@ -28,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # an installed dimaskdino comes first
 from dimaskdino import _extension  # noqa: E402
 from dimaskdino.ops import ms_deform_attn, ms_deform_attn_ref  # noqa: E402
 
@@ -36,49 +50,80 @@ from dimaskdino.ops import ms_deform_attn, ms_deform_attn_ref  # noqa: E402
 NOMINAL_BANDWIDTH_GBS = {"H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H200": 4800.0, "A100-SXM4-80GB": 2039.0}
 
 
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+QUICK = False  # --quick: few repetitions (the GPU check's dry run tests the script, not speed)
+
+
 def time_ms(fn, device: torch.device, reps: int, warmup: int = 3) -> dict:
-    """Median and spread of wall time per call, synchronizing the device around each call."""
+    """GPU: do_bench median (L2 flushed before each call) with its 20/80% quantiles, and the median
+    of CUDA-graph replays. CPU: median, min and max of `reps` host-timed calls."""
+    if device.type == "cuda":
+        import triton.testing
+
+        rep_ms = 20 if QUICK else 100
+        q20, median, q80 = triton.testing.do_bench(fn, warmup=10, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
+        result = {"median_ms": median, "q20_ms": q20, "q80_ms": q80, "timer": "triton.testing.do_bench (L2 flushed)"}
+        try:
+            result["cudagraph_ms"] = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+        except Exception as error:  # e.g. a host sync inside: not capturable
+            torch.cuda.synchronize()
+            result["cudagraph_error"] = repr(error)[:200]
+        return result
     for _ in range(warmup):
         fn()
-    synchronize(device)
     samples = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
-        synchronize(device)
         samples.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples), "reps": reps}
+    return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples), "reps": reps,
+            "timer": "host perf_counter"}
 
 
 def measured_copy_bandwidth_gbs(device: torch.device) -> float:
     """Read+write bandwidth of a large device-to-device copy: the practical ceiling."""
-    numel = (1 << 28) if device.type == "cuda" else (1 << 26)
-    src = torch.empty(numel, dtype=torch.float32, device=device)
+    numel = (1 << 28) if device.type == "cuda" else (1 << 24)
+    src = torch.randn(numel, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    timing = time_ms(lambda: dst.copy_(src), device, reps=10)
-    return 2 * src.numel() * 4 / (timing["min_ms"] * 1e-3) / 1e9
+    timing = time_ms(lambda: dst.copy_(src), device, reps=5)
+    return 2 * src.numel() * 4 / (timing["median_ms"] * 1e-3) / 1e9
+
+
+def measured_matmul_tflops(device: torch.device) -> tuple[float, str]:
+    """Rate of a large matmul (bf16 on a GPU, float32 on a CPU): the arithmetic ceiling."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    timing = time_ms(lambda: a @ b, device, reps=3)
+    return 2 * n**3 / (timing["median_ms"] * 1e-3) / 1e12, f"{str(dtype).removeprefix('torch.')} {n}x{n} matmul"
 
 
 def peak_bandwidth(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, gbs in NOMINAL_BANDWIDTH_GBS.items():
-            if key in name:
-                return gbs, f"nominal ({key})"
-    return measured_copy_bandwidth_gbs(device), "measured copy"
+    return measured_copy_bandwidth_gbs(device), "measured device-to-device copy (read + write)"
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().double(), want.detach().double().to(got.device)
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def compiled(fn):
+    """torch.compile(fn), or None under --compile none (the row is then left out)."""
+    return None if COMPILE == "none" else torch.compile(fn)
+
+
+def compile_rows_wanted(first_case: bool) -> bool:
+    return COMPILE == "all" or (COMPILE == "primary" and first_case)
+
+
+COMPILE = "primary"
+MATMUL_TFLOPS = None  # measured at the start of a run
 
 
 def device_description(device: torch.device) -> str:
@@ -117,7 +162,7 @@ class MsdaShape:
 
 
 def msda_shapes(device: torch.device) -> list[MsdaShape]:
-    side = 128 if device.type == "cuda" else 32
+    side = 128 if device.type == "cuda" else (16 if QUICK else 32)
     levels = tuple((side >> i, side >> i) for i in range(4))
     tokens = sum(h * w for h, w in levels)
     return [MsdaShape("encoder", 2, levels, tokens), MsdaShape("decoder", 2, levels, 400)]
@@ -145,10 +190,15 @@ def msda_floor_bytes(shape: MsdaShape, dtype: torch.dtype, backward: bool) -> in
 
 
 def original_msda():
-    """The Deformable-DETR extension's forward/backward as a callable, or None if not importable."""
+    """The original Deformable-DETR kernel's forward/backward as a callable (GPU only: it has no CPU
+    kernel), or None with a note."""
     try:
-        import MultiScaleDeformableAttention as original  # noqa: N813
-    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "baseline"))
+        import deformable_detr
+
+        original = deformable_detr.load()
+    except Exception as error:  # not fetched, or no compiler: no row, said once
+        print(f"note: no deformable-detr row: {repr(error)[:300]}")
         return None
 
     class OriginalFunction(torch.autograd.Function):
@@ -166,37 +216,64 @@ def original_msda():
     return OriginalFunction.apply
 
 
-def msda_implementations(device: torch.device, dtype: torch.dtype, shape: MsdaShape) -> dict:
+def msda_implementations(device: torch.device, dtype: torch.dtype, shape: MsdaShape, first_case: bool) -> dict:
     static_shapes = [tuple(level) for level in shape.levels]
-    impls = {
-        "reference": lambda v, s, i, l, w: ms_deform_attn_ref(v, s, i, l, w),
-        "reference+compile": torch.compile(lambda v, s, i, l, w: ms_deform_attn_ref(v, static_shapes, i, l, w)),
-    }
+    impls = {"reference": lambda v, s, i, l, w: ms_deform_attn_ref(v, s, i, l, w)}
+    if compile_rows_wanted(first_case):
+        impls["reference+compile"] = torch.compile(lambda v, s, i, l, w: ms_deform_attn_ref(v, static_shapes, i, l, w))
     if _extension.native_available("dimaskdino::ms_deform_attn", device.type):
         impls[f"dimaskdino-{device.type}"] = lambda v, s, i, l, w: ms_deform_attn(v, s, i, l, w, impl=device.type)
     else:
         print(f"note: no native {device.type} kernel: {_extension.why_unavailable(device.type)}")
-    original = original_msda() if device.type == "cuda" else None
-    if original is not None:
+    original = _ORIGINAL.setdefault("msda", original_msda()) if device.type == "cuda" else None
+    if original is not None and dtype in (torch.float32, torch.float64):  # AT_DISPATCH_FLOATING_TYPES
         # The original kernel wants every input in value's dtype.
         impls["deformable-detr"] = lambda v, s, i, l, w: original(v, s, i, l.to(v.dtype), w.to(v.dtype))
-    else:
-        print("note: MultiScaleDeformableAttention (original Deformable-DETR) not importable or not on CUDA: no row")
     return impls
+
+
+_ORIGINAL: dict = {}
+
+
+def msda_expected(inputs, grad):
+    """float64 output and gradients (value, locations, weights) of the reference."""
+    value, ss, starts, loc, weights = [t.detach() for t in inputs]
+    leaves = [t.double().requires_grad_() for t in (value, loc, weights)]
+    out = ms_deform_attn_ref(leaves[0], ss, starts, leaves[1], leaves[2])
+    return [out.detach(), *torch.autograd.grad(out, leaves, grad.double())]
 
 
 def bench_msda(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
     dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
     rows = []
-    for shape in msda_shapes(device):
-        for dtype in dtypes:
+    for shape_index, shape in enumerate(msda_shapes(device)):
+        for dtype_index, dtype in enumerate(dtypes):
             inputs = msda_inputs(shape, dtype, device)
-            impls = msda_implementations(device, dtype, shape)
+            impls = msda_implementations(device, dtype, shape, shape_index == 0 and dtype_index == 0)
+            check_grad = torch.randn(shape.batch, shape.queries, shape.heads * shape.channels, device=device)
+            expected = msda_expected(inputs, check_grad)
+            errors = {}
+            for impl_name, fn in impls.items():  # correctness of every implementation before any timing
+                value, ss, starts, loc, weights = [t.detach().clone() for t in inputs]
+                leaves = [value.requires_grad_(), loc.requires_grad_(), weights.requires_grad_()]
+                try:
+                    out = fn(value, ss, starts, loc, weights)
+                    got = [out, *torch.autograd.grad(out, leaves, check_grad.to(out.dtype))]
+                    errors[impl_name] = {name: relative_error(g, e) for name, g, e in
+                                         zip(("output", "grad_value", "grad_loc", "grad_weights"), got, expected)}
+                except Exception as error:
+                    errors[impl_name] = {"error": repr(error)[:300]}
             for mode in ("forward", "forward+backward"):
                 backward = mode != "forward"
                 floor_bytes = msda_floor_bytes(shape, dtype, backward)
                 reference_ms = None
                 for impl_name, fn in impls.items():
+                    error = errors[impl_name]
+                    if "error" in error or max(error.values()) > TOLERANCE[dtype]:
+                        rows.append(dict(op="msda", shape=asdict(shape), dtype=str(dtype), mode=mode, impl=impl_name,
+                                         incorrect=True, relative_error_vs_float64=error))
+                        print(f"{shape.name:8s} {str(dtype):15s} {mode:17s} {impl_name:20s} NOT TIMED: {error}")
+                        continue
                     value, ss, starts, loc, weights = [t.detach().clone() for t in inputs]
                     if backward:
                         for t in (value, loc, weights):
@@ -224,6 +301,7 @@ def bench_msda(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
                     achieved_gbs = floor_bytes / (ms * 1e-3) / 1e9
                     row = dict(
                         op="msda", shape=asdict(shape), dtype=str(dtype), mode=mode, impl=impl_name, **timing,
+                        relative_error_vs_float64=error,
                         floor_bytes=floor_bytes, achieved_gbs=achieved_gbs, pct_of_floor=100 * achieved_gbs / peak_gbs,
                         speedup_vs_reference=(reference_ms / ms) if reference_ms else None,
                     )
@@ -247,6 +325,7 @@ def _bato_topk_row(op, shape, dtype, mode, impl_name, timing, floor_bytes, flops
         op=op, shape=shape, dtype=str(dtype), mode=mode, impl=impl_name, **timing,
         floor_bytes=floor_bytes, achieved_gbs=achieved_gbs, pct_of_floor=100 * achieved_gbs / peak_gbs,
         flops=flops, achieved_tflops=flops / (ms * 1e-3) / 1e12,
+        pct_of_matmul=100 * flops / (ms * 1e-3) / 1e12 / MATMUL_TFLOPS if MATMUL_TFLOPS else None,
         speedup_vs_reference=(reference_ms / ms) if reference_ms else None, **extra,
     )
     speedup = f"{row['speedup_vs_reference']:7.2f}x" if row["speedup_vs_reference"] else "      -"
@@ -272,7 +351,7 @@ def bench_bato(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
     from dimaskdino.ops._triton import triton_status
 
     gpu = device.type == "cuda"
-    shape = dict(name="bato", batch=2, seq=21_760 if gpu else 1_360, keys=50, heads=8, head_dim=32,
+    shape = dict(name="bato", batch=2, seq=21_760 if gpu else (340 if QUICK else 1_360), keys=50, heads=8, head_dim=32,
                  layout="q = (B, S, H, D).transpose(1, 2)")
     batch, seq, keys, heads, dim = shape["batch"], shape["seq"], shape["keys"], shape["heads"], shape["head_dim"]
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -286,7 +365,7 @@ def bench_bato(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
 
     impls = {
         "reference": bato_attention_ref,
-        "reference+compile": torch.compile(bato_attention_ref),
+        "reference+compile": compiled(bato_attention_ref),
         "sdpa-math": sdpa(SDPBackend.MATH),
         "sdpa-efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
         "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
@@ -315,6 +394,8 @@ def bench_bato(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
         flops = forward_flops * (1 + 2.5 if backward else 1)
         reference_ms = None
         for impl_name, fn in impls.items():
+            if fn is None:
+                continue
             q, k, v = [t.detach().clone() for t in (q_data, k_data, v_data)]
             if backward:
                 for t in (q, k, v):
@@ -331,6 +412,12 @@ def bench_bato(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
             try:
                 with torch.no_grad():
                     error = (fn(q, k, v).double() - expected).abs().max().item()
+                    relative = relative_error(fn(q, k, v), expected)
+                if relative > TOLERANCE[dtype]:  # correctness before any timing
+                    rows.append(dict(op="bato", shape=shape, dtype=str(dtype), mode=mode, impl=impl_name, incorrect=True,
+                                     relative_error_vs_float64=relative))
+                    print(f"{shape['name']:8s} {str(dtype):15s} {mode:17s} {impl_name:22s} NOT TIMED: rel. error {relative:.2e}")
+                    continue
                 timing = time_ms(run, device, reps)
             except Exception as exc:  # a backend that refuses the case is a row, not a crash
                 rows.append(dict(op="bato", shape=shape, dtype=str(dtype), mode=mode, impl=impl_name, error=repr(exc)[:300]))
@@ -363,12 +450,12 @@ def bench_topk(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
     elem = torch.finfo(dtype).bits // 8
     dim, classes = 256, 80
     shapes = [
-        dict(name="first", batch=2, seq=21_760 if gpu else 1_360, dim=dim, classes=classes, k=600, proj=True),
+        dict(name="first", batch=2, seq=21_760 if gpu else (680 if QUICK else 1_360), dim=dim, classes=classes, k=600, proj=True),
         dict(name="second", batch=2, seq=600, dim=dim, classes=classes, k=300, proj=False),
     ]
     impls = {
         "reference": topk_select_ref,
-        "reference+compile": torch.compile(topk_select_ref),
+        "reference+compile": compiled(topk_select_ref),
     }
     status = triton_status("topk_select", device.type)
     if status == "compiled":
@@ -396,6 +483,8 @@ def bench_topk(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
         _, expected = topk_select_ref(*args)
         reference_ms = None
         for impl_name, fn in impls.items():
+            if fn is None:
+                continue
             try:
                 _, indices = fn(*args)
                 overlap = sum(
@@ -489,6 +578,8 @@ def bench_mask_loss(device: torch.device, reps: int, peak_gbs: float) -> list[di
     dtype = torch.bfloat16 if gpu else torch.float32
     side, num_points = (256, 12_544) if gpu else (64, 784)
     batch, queries, interm_queries, layers, dim, num_gt = 2, 300, 600, 6, 256, 20
+    if QUICK and not gpu:  # the dry run tests the script: a tenth of the work
+        side, num_points, layers = 32, 196, 1
     shape = dict(name="mask_loss", batch=batch, queries=queries, interm_queries=interm_queries, decoder_layers=layers,
                  dim=dim, mask=[side, side], points=num_points, gt_per_image=num_gt, outputs=2 + layers)
 
@@ -558,9 +649,9 @@ def bench_mask_loss(device: torch.device, reps: int, peak_gbs: float) -> list[di
 
     status = triton_status("mask_loss", device.type)
     modes = {
-        "matcher cost": {"reference": matcher_reference, "reference+compile": torch.compile(matcher_reference),
+        "matcher cost": {"reference": matcher_reference, "reference+compile": compiled(matcher_reference),
                          "fused-pytorch": matcher_fused("ref")},
-        "mask loss fwd+bwd": {"reference": loss_reference, "reference+compile": torch.compile(loss_reference),
+        "mask loss fwd+bwd": {"reference": loss_reference, "reference+compile": compiled(loss_reference),
                               "fused-pytorch": loss_fused("ref")},
     }
     if status == "compiled":
@@ -576,6 +667,8 @@ def bench_mask_loss(device: torch.device, reps: int, peak_gbs: float) -> list[di
         backward = mode != "matcher cost"
         reference_ms = None
         for impl_name, fn in impls.items():
+            if fn is None:
+                continue
             leaves = {name: e.detach().clone().requires_grad_(backward) for name, e in embeds.items()}
             feats = [f.detach().clone().requires_grad_(backward) for f in features]
             leaf_features = {name: feats[which] for name, (_, which) in outputs.items()}
@@ -623,29 +716,36 @@ SUITES = {
 
 
 def main(argv=None) -> None:
+    global COMPILE, MATMUL_TFLOPS, QUICK
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", default=",".join(SUITES), help=f"comma-separated subset of {sorted(SUITES)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on GPU, 5 on CPU)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--reps", type=int, default=None, help="CPU: timed repetitions (default 5)")
+    parser.add_argument("--compile", choices=("primary", "all", "none"), default=None,
+                        help="torch.compile rows: first shape and dtype of each suite (default), every case, or none")
+    parser.add_argument("--quick", action="store_true", help="few repetitions, no compile rows: tests the script")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "outputs" / "kernels"),
+                        help="result folder (committed results: pass benchmarks/results on purpose)")
     args = parser.parse_args(argv)
+    QUICK = args.quick
+    COMPILE = args.compile or ("none" if args.quick else "primary")
     device = torch.device(args.device)
-    reps = args.reps or (20 if device.type == "cuda" else 5)
+    reps = args.reps or (2 if args.quick else 5)
     peak_gbs, peak_source = peak_bandwidth(device)
-    print(f"device: {device_description(device)}; peak bandwidth {peak_gbs:.0f} GB/s ({peak_source})")
-    header = dict(
-        device=device_description(device), device_type=device.type, torch=torch.__version__, cuda=torch.version.cuda,
-        git_commit=git_commit(), python=platform.python_version(), peak_bandwidth_gbs=peak_gbs,
-        peak_bandwidth_source=peak_source, reps=reps, command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
-    )
-    os.makedirs(args.out, exist_ok=True)
+    MATMUL_TFLOPS, matmul_source = measured_matmul_tflops(device)
+    print(f"device: {device_description(device)}; copy bandwidth {peak_gbs:.0f} GB/s ({peak_source}); "
+          f"matmul {MATMUL_TFLOPS:.1f} TFLOP/s ({matmul_source}); compile rows: {COMPILE}")
+    header = dict(device_type=device.type, copy_bandwidth_gbs=peak_gbs, copy_bandwidth_source=peak_source,
+                  matmul_tflops=MATMUL_TFLOPS, matmul_source=matmul_source, compile_rows=COMPILE, quick=QUICK,
+                  reps=reps if device.type != "cuda" else "do_bench")
+    from benchmarks.provenance import write_result
+
     for op in args.ops.split(","):
         if op not in SUITES:
             raise SystemExit(f"--ops: unknown op {op!r}; choose from {sorted(SUITES)}")
         rows = SUITES[op](device, reps, peak_gbs)
-        path = Path(args.out) / f"{device_slug(device)}-{op}.json"
-        with open(path, "w") as f:
-            json.dump(dict(header, op=op, rows=rows), f, indent=1)
+        path = write_result(args.out, f"{device_slug(device)}-{op}.json", dict(header, op=op, rows=rows),
+                            device=device if device.type == "cuda" else None)
         print(f"wrote {path}")
 
 

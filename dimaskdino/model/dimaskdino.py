@@ -318,7 +318,9 @@ class DIMaskDINO(nn.Module):
         sizes = [group.content.shape[1] for group in groups]
         content = torch.cat([group.content for group in groups], dim=1).to(encoded.memory.dtype)
         boxes = torch.cat([group.boxes for group in groups], dim=1)
-        group_of = torch.repeat_interleave(torch.arange(len(sizes), device=boxes.device), torch.tensor(sizes, device=boxes.device))
+        # output_size: no device-to-host sync for the length (and fake tensors know it).
+        group_of = torch.repeat_interleave(torch.arange(len(sizes), device=boxes.device), torch.tensor(sizes, device=boxes.device),
+                                           output_size=sum(sizes))
         blocked = group_of[:, None] != group_of[None, :]
         decoded = self.decoder(content, boxes, encoded, self.heads, blocked, 0, bato_memory=main.bato_memory)
         out = {"losses": hybrid.losses, "groups": {name: {"matches": group.matches} for name, group in zip(names, groups)}}
