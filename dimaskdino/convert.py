@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dimaskdino.cli import ArgumentParser
 from dimaskdino.config import Config, apply_overrides, config_to_dict, get_preset
 
 PREDICTOR = "sem_seg_head.predictor."
@@ -415,7 +416,7 @@ def convert(in_path: str, out_path: str, preset: str | None = None, overrides: l
 def build_parser() -> argparse.ArgumentParser:
     from dimaskdino.config import PRESETS
 
-    parser = argparse.ArgumentParser(prog="python -m dimaskdino.convert",
+    parser = ArgumentParser(prog="python -m dimaskdino.convert",
                                      description="Convert an authors' DI-MaskDINO / MaskDINO checkpoint into an engine checkpoint.")
     parser.add_argument("input", help="the authors' .pth ({'model': state dict} or a state dict) or detectron2 .pkl")
     parser.add_argument("output", help="a new folder for the engine checkpoint")
@@ -439,6 +440,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from dimaskdino.evaluate import run_cli
+    from dimaskdino.cli import run_cli
 
     sys.exit(run_cli(main))

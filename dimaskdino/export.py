@@ -13,13 +13,14 @@ without any pickle, and `evaluate` / `predict` take such a file as `--checkpoint
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+
+from dimaskdino.cli import ArgumentParser
 
 FORMAT = "dimaskdino-inference-v1"
 SUFFIX = ".safetensors"
@@ -94,7 +95,7 @@ def load_safetensors_for_inference(path: str | os.PathLike, device: str | torch.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dimaskdino.export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m dimaskdino.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a training checkpoint folder, or a training output folder (its latest)")
     parser.add_argument("output", help=f"the {SUFFIX} file to write")
     args = parser.parse_args(argv)
@@ -104,6 +105,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from dimaskdino.evaluate import run_cli
+    from dimaskdino.cli import run_cli
 
     sys.exit(run_cli(main))
