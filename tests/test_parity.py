@@ -19,7 +19,6 @@ fixture's weights and inputs and compares the engine with that.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from pathlib import Path
 
