@@ -40,7 +40,8 @@ from pathlib import Path
 # Compiled kernels (not the interpreter), and a fresh cache so that ptxas runs and reports.
 os.environ["TRITON_INTERPRET"] = "0"
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
-os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton-compile-"))
+_CACHE = tempfile.TemporaryDirectory(prefix="triton-compile-")  # removed at exit
+os.environ["TRITON_CACHE_DIR"] = _CACHE.name
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton >= 3.9 warns when unset; 1 = its default
 
 import torch  # noqa: E402
@@ -94,10 +95,10 @@ def _empty(*shape, dtype):
     return torch.empty(*shape, device="cuda", dtype=dtype)
 
 
-def _bato(dtype, keys, backward):
+def _bato(dtype, keys, backward, tokens=S_TOKENS):
     def inputs():
         # q, k, v as MultiHeadAttention makes them: (B, L, H, D) projections viewed as (B, H, L, D).
-        q = _empty(B, S_TOKENS, HEADS, HEAD_DIM, dtype=dtype).transpose(1, 2)
+        q = _empty(B, tokens, HEADS, HEAD_DIM, dtype=dtype).transpose(1, 2)
         k = _empty(B, keys, HEADS, HEAD_DIM, dtype=dtype).transpose(1, 2)
         v = _empty(B, keys, HEADS, HEAD_DIM, dtype=dtype).transpose(1, 2)
         return (torch.empty_like(q), q, k, v) if backward else (q, k, v)
@@ -145,6 +146,9 @@ def cases() -> list[Case]:
                 continue
             found.append(Case(f"bato fwd {tag} K={keys}", key_kind, "bato_attention", "_bato_attention_triton", _bato(dtype, keys, False)))
             found.append(Case(f"bato bwd {tag} K={keys}", key_kind, "bato_attention", "_bato_attention_backward_triton", _bato(dtype, keys, True)))
+    # Integer arguments equal to 1 are compiled as constants: one key, one token.
+    found.append(Case("bato fwd bfloat16 K=1 S=1", "limit", "bato_attention", "_bato_attention_triton", _bato(BF16, 1, False, 1)))
+    found.append(Case("bato bwd bfloat16 K=1 S=1", "limit", "bato_attention", "_bato_attention_backward_triton", _bato(BF16, 1, True, 1)))
     for dtype, weight_dtype, kind in ((BF16, FP32, "production"), (FP32, FP32, "production"), (BF16, BF16, "production"), (FP64, FP64, "test")):
         tag = f"{str(dtype).removeprefix('torch.')}/{str(weight_dtype).removeprefix('torch.')} weights"
         op = ("topk_select", "_class_max_scores_triton")
@@ -227,6 +231,8 @@ def compile_launch(kernel, grid, args, kwargs) -> dict:
         compiled = kernel.warmup(*plain, grid=grid, **kwargs)
     compiled = compiled.result() if hasattr(compiled, "result") else compiled
     report = _ptxas_report(log.getvalue())
+    ptx = compiled.asm.get("ptx", "")
+    report.update(wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx, atomics="red.global" in ptx or "atom.global" in ptx)
     if report["registers"] is None:
         raise RuntimeError(f"no ptxas report for {kernel.fn.__name__} (was it taken from a cache?):\n{log.getvalue()[-2000:]}")
     return {
@@ -285,14 +291,15 @@ def run(only: str | None = None) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [f"triton {triton.__version__} -> sm_90a (spill budget {SPILL_BUDGET_BYTES} B except float64 test cases; shared <= {MAX_SHARED_BYTES} B)",
-             f"{'case':44} {'kernel':32} {'kind':10} {'warps':>5} {'regs':>4} {'spill st/ld B':>13} {'smem B':>7} {'s':>5}  problems"]
+             f"{'case':48} {'kernel':28} {'kind':10} {'warps':>5} {'regs':>4} {'spill st/ld B':>13} {'smem B':>7} {'mma':>6} {'s':>5}  problems"]
     for row in rows:
         if "error" in row:
-            lines.append(f"{row['case']:44} {row['kernel']:32} {row['kind']:10} ERROR {row['error'][:300]}")
+            lines.append(f"{row['case']:48} {row['kernel']:28} {row['kind']:10} ERROR {row['error'][:300]}")
             continue
         spills = f"{row['spill_store_bytes']}/{row['spill_load_bytes']}"
-        lines.append(f"{row['case']:44} {row['kernel']:32} {row['kind']:10} {row['num_warps']:>5} {row['registers']:>4} "
-                     f"{spills:>13} {row['shared_bytes']:>7} {row['compile_s']:>5}  {'; '.join(row['problems'])}")
+        mma = "wgmma" if row["wgmma"] else "mma" if row["mma_sync"] else "fma"
+        lines.append(f"{row['case']:48} {row['kernel']:28} {row['kind']:10} {row['num_warps']:>5} {row['registers']:>4} "
+                     f"{spills:>13} {row['shared_bytes']:>7} {mma:>6} {row['compile_s']:>5}  {'; '.join(row['problems'])}")
     return "\n".join(lines)
 
 

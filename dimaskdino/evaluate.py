@@ -28,14 +28,17 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from dimaskdino._optional import LazyModule
 from dimaskdino.config import TrainConfig
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from dimaskdino.model.postprocess import decoder_output_names, postprocess
 
 logger = logging.getLogger("dimaskdino.evaluate")
+
+# pycocotools (extra "eval" / "data"): imported when an evaluation runs, not when this module is.
+mask_utils = LazyModule("pycocotools.mask", "COCO evaluation")
+coco_api = LazyModule("pycocotools.coco", "COCO evaluation")
+cocoeval_api = LazyModule("pycocotools.cocoeval", "COCO evaluation")
 
 IOU_TYPES = ("bbox", "segm")
 # Names of COCOeval.stats in its order (maxDets 100 unless said otherwise).
@@ -83,10 +86,10 @@ def _check_and_complete_gt(data: Any, path: str) -> None:
         ann.setdefault("id", i + 1)
 
 
-def load_ground_truth(gt_json_path) -> COCO:
+def load_ground_truth(gt_json_path) -> "COCO":
     """A pycocotools COCO of the json (quietly), checked and completed for COCOeval. A COCO
     object is returned as it is (load once, evaluate many times: per-layer evaluation)."""
-    if isinstance(gt_json_path, COCO):
+    if isinstance(gt_json_path, coco_api.COCO):
         return gt_json_path
     path = os.fspath(gt_json_path)
     try:
@@ -97,7 +100,7 @@ def load_ground_truth(gt_json_path) -> COCO:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"ground-truth json is not valid json ({e}): {path}") from None
     _check_and_complete_gt(data, path)
-    gt = COCO()
+    gt = coco_api.COCO()
     gt.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
@@ -112,7 +115,7 @@ def load_ground_truth(gt_json_path) -> COCO:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_predictions(predictions: Sequence[dict], gt: COCO, iou_types: Sequence[str]) -> None:
+def _check_predictions(predictions: Sequence[dict], gt: "COCO", iou_types: Sequence[str]) -> None:
     """Clear errors for results pycocotools would reject with a bare assertion (or mis-score)."""
     required = {"image_id", "category_id", "score"}
     if "bbox" in iou_types:
@@ -136,9 +139,9 @@ def _check_predictions(predictions: Sequence[dict], gt: COCO, iou_types: Sequenc
         )
 
 
-def _empty_results(gt: COCO) -> COCO:
+def _empty_results(gt: "COCO") -> "COCO":
     """A result set without detections (pycocotools' loadRes cannot take an empty list)."""
-    res = COCO()
+    res = coco_api.COCO()
     res.dataset = {"images": list(gt.dataset["images"]), "categories": list(gt.dataset["categories"]),
                    "annotations": []}
     res.createIndex()
@@ -154,12 +157,12 @@ def _results_for(predictions: Sequence[dict], iou_type: str) -> list[dict]:
     return [dict(p) for p in predictions]
 
 
-def _run_cocoeval(gt: COCO, predictions: Sequence[dict], iou_type: str, image_ids) -> tuple[np.ndarray, str]:
+def _run_cocoeval(gt: "COCO", predictions: Sequence[dict], iou_type: str, image_ids) -> tuple[np.ndarray, str]:
     """COCOeval stats (12,) and pycocotools' summary table, its printing captured."""
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
         dt = gt.loadRes(_results_for(predictions, iou_type)) if predictions else _empty_results(gt)
-        evaluator = COCOeval(gt, dt, iou_type)
+        evaluator = cocoeval_api.COCOeval(gt, dt, iou_type)
         if image_ids is not None:
             evaluator.params.imgIds = sorted(int(i) for i in image_ids)
         evaluator.evaluate()

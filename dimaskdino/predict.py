@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from dimaskdino._optional import import_optional
 from dimaskdino.config import TrainConfig
 
 from dimaskdino.data.loader import decode_image, render_image
@@ -204,7 +205,7 @@ def predict_files(
 
 
 def _save_png(picture: np.ndarray, path: str) -> None:
-    from PIL import Image
+    Image = import_optional("PIL.Image", "reading images")  # Pillow
 
     Image.fromarray(picture).save(path, format="PNG")
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from dimaskdino import dist as distributed
+from dimaskdino._optional import MissingOptionalDependency, import_optional
 from dimaskdino.checkpoint import latest_checkpoint, load_checkpoint, load_checkpoint_extra, resolve_checkpoint, save_checkpoint
 from dimaskdino.config import PRESETS, Config, apply_overrides, config_to_dict, get_preset
 
@@ -200,6 +201,7 @@ class RunLog:
         if not enabled:
             return
         try:
+            import_optional("tensorboard", "TensorBoard logging")
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(output_dir / "tb"))
@@ -209,8 +211,11 @@ class RunLog:
         self.started = time.time()
         self.start_step = start_step
         if sys.stdout.isatty():
-            from tqdm import tqdm
-
+            try:
+                tqdm = import_optional("tqdm", "the progress bar").tqdm
+            except MissingOptionalDependency as error:
+                logger.warning("no progress bar: %s", error)
+                return
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stdout,
                             mininterval=1.0)
 

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from dimaskdino._optional import import_optional
+
 MASK_ALPHA = 0.45
 GRID_CELL = 384  # grid cells are at most this many pixels on their long side
 GRID_GAP = 4
@@ -62,7 +64,8 @@ def _blend_masks(image: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> np
 
 
 def _draw_boxes_and_labels(picture, boxes, labels, scores, class_names) -> None:
-    from PIL import ImageDraw, ImageFont
+    ImageDraw = import_optional("PIL.ImageDraw", "drawing predictions")  # Pillow
+    ImageFont = import_optional("PIL.ImageFont", "drawing predictions")
 
     draw = ImageDraw.Draw(picture)
     font = ImageFont.load_default()
@@ -93,7 +96,7 @@ def overlay(
     """uint8 (H, W, 3) picture of the predictions with score >= score_threshold over `image`:
     semi-transparent class-coloured masks, box outlines and "name score" labels (Pillow's default
     font). masks may be None (boxes only)."""
-    from PIL import Image
+    Image = import_optional("PIL.Image", "writing images")  # Pillow
 
     image = _check_image(image)
     boxes = _numpy(boxes).reshape(-1, 4)
@@ -116,7 +119,7 @@ def overlay(
 
 def _fit(picture: np.ndarray, cell: int) -> np.ndarray:
     """Downscale so the long side is at most `cell` (never upscale)."""
-    from PIL import Image
+    Image = import_optional("PIL.Image", "writing images")  # Pillow
 
     height, width = picture.shape[:2]
     scale = min(1.0, cell / max(height, width))
@@ -143,7 +146,7 @@ def save_overlay_grid(
     predict.predict_records provides). Each picture is scaled to fit a cell_size square; columns
     default to a near-square grid.
     """
-    from PIL import Image
+    Image = import_optional("PIL.Image", "writing images")  # Pillow
 
     if not images_and_predictions:
         raise ValueError("save_overlay_grid: no images")

@@ -38,15 +38,33 @@ def block_sizes(num_keys: int, head_dim: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(num_keys)), max(16, triton.next_power_of_2(head_dim))
 
 
-# Hopper launch configuration (untimed: the first H100 session should sweep these). Register counts
-# from ptxas for sm_90a, bf16, K=50, D=32, no spills anywhere:
-#   forward  BLOCK_M=128: 151 regs on 4 warps, 80 on 8 warps -> 8 warps (3 CTAs = 24 warps per SM);
-#   backward BLOCK_M=64: 209 regs on 4 warps (2 CTAs per SM), 173 on 8 (1 CTA): same warps per SM.
-FWD_BLOCK_M = 128
-FWD_NUM_WARPS = 8
-BWD_BLOCK_M = 64
-BWD_NUM_WARPS = 4
+# Hopper launch configuration (untimed: the first H100 session should sweep these), chosen so that
+# ptxas (sm_90a, triton 3.6 and 3.9) reports no spills; benchmarks/triton_compile.py prints the
+# registers of each and tests/test_triton_compile.py keeps them spill-free.
+#   16-bit, K <= 64 (the model's K=50): forward BLOCK_M=128 on 8 warps (60-64 regs; 3 CTAs per SM),
+#     backward BLOCK_M=64 on 4 warps (150-158 regs, 2 CTAs per SM).
+#   16-bit, K = 128: backward on 8 warps (4 warps: 240-255 regs and spills under triton 3.9).
+#   fp32 ("ieee" dots run on FMA units and keep whole K-long operand rows per thread): forward
+#     BLOCK_M=32 on 8 warps. The backward's five dots do not fit in registers with "ieee" at any
+#     block size (BLOCK_M=16 on 4 to 16 warps still spills at K=50, kilobytes at K=128), so it
+#     uses 3xTF32 on tensor cores ("tf32x3": each operand split into two tf32 parts, three
+#     products: relative error ~1e-6, fp32's class, not tf32's 1e-3) with BLOCK_M=16.
+#   fp64 (tests only): the fp32 shapes with "ieee" (fp64 has no tensor-core path here).
 NUM_STAGES = 2
+
+
+def forward_config(dtype: str, block_k: int) -> dict:
+    """BLOCK_M and num_warps of the forward; dtype "bf16", "fp16", "fp32" or "fp64"."""
+    if dtype in ("bf16", "fp16"):
+        return dict(BLOCK_M=128, num_warps=8)
+    return dict(BLOCK_M=32, num_warps=8)
+
+
+def backward_config(dtype: str, block_k: int) -> dict:
+    """BLOCK_M, num_warps and the dot precision ("ieee" unless fp32, see above) of the backward."""
+    if dtype in ("bf16", "fp16"):
+        return dict(BLOCK_M=64, num_warps=4 if block_k <= 64 else 8, PRECISION="tf32")
+    return dict(BLOCK_M=16, num_warps=4 if block_k <= 64 else 8, PRECISION="tf32x3" if dtype == "fp32" else "ieee")
 
 
 @triton.jit

@@ -46,12 +46,18 @@ import triton
 import triton.language as tl
 
 # Hopper launch configuration (untimed: no GPU was available when these were written; the first
-# H100 session should sweep them with benchmarks/kernels.py --ops mask_loss).
-COST_BLOCK_Q = 64
-COST_BLOCK_P = 64
+# H100 session should sweep them with benchmarks/kernels.py --ops mask_loss). The cost kernel's two
+# fp32 "ieee" product dots run on FMA units and keep whole operand rows per thread: with 64 x 64
+# (query x point) tiles on 4 warps ptxas (sm_90a) spilled 2-4 KB at BLOCK_N=64 (more than 32 GT)
+# and a few bytes in fp32 at every BLOCK_N; 8 warps, 32-point blocks, or 32 x 32 tiles on 4 warps
+# still spilled at some BLOCK_N or dtype under triton 3.6 or 3.9. 32 x 32 tiles on 8 warps: at most
+# 118 registers, no spills (benchmarks/triton_compile.py reports them, tests/test_triton_compile.py
+# keeps them at zero).
+COST_BLOCK_Q = 32
+COST_BLOCK_P = 32
 COST_MAX_BLOCK_D = 64
 COST_MAX_BLOCK_N = 64
-COST_NUM_WARPS = 4
+COST_NUM_WARPS = 8
 LOSS_BLOCK_P = 1024
 LOSS_NUM_WARPS = 4
 NUM_STAGES = 2

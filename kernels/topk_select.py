@@ -46,13 +46,17 @@ def launch_config(dim: int, num_classes: int) -> dict:
 
 
 @triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _mma(a, b, acc, FP64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b, fp32 accumulation (fp64 for fp64). UPCAST only under TRITON_INTERPRET for
-    bf16, whose interpreted tl.dot multiplies bit patterns (triton issue #11584)."""
+    bf16, whose interpreted tl.dot multiplies bit patterns (triton issue #11584). out_dtype is
+    always spelled out: triton 3.6 checks an accumulator against it (default fp32) and rejects an
+    fp64 one; newer versions infer it."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee", out_dtype=tl.float32)
+    elif FP64:
+        return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float64)
     else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+        return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
 
 
 @triton.jit
@@ -87,7 +91,7 @@ def class_max_scores_kernel(
             x = tl.load(x_rows + offs_k[None, :] * stride_xd, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(proj_w_ptr + offs_d[:, None] * stride_pw_out + offs_k[None, :] * stride_pw_in,
                         mask=mask_d[:, None] & mask_k[None, :], other=0.0)
-            acc = _mma(x, tl.trans(w.to(in_dtype)), acc, PRECISION, UPCAST)
+            acc = _mma(x, tl.trans(w.to(in_dtype)), acc, FP64, PRECISION, UPCAST)
         if HAS_PROJ_BIAS:
             acc += tl.load(proj_b_ptr + offs_d, mask=mask_d, other=0.0).to(in_dtype).to(acc.dtype)[None, :]
         # LayerNorm over the D valid columns (padded columns of acc are exactly 0).
@@ -110,7 +114,7 @@ def class_max_scores_kernel(
         mask_c = offs_c < C
         w = tl.load(cls_w_ptr + offs_c[:, None] * stride_cw_out + offs_d[None, :] * stride_cw_in,
                     mask=mask_c[:, None] & mask_d[None, :], other=0.0)
-        logits = _mma(enc, tl.trans(w.to(in_dtype)), None, PRECISION, UPCAST)
+        logits = _mma(enc, tl.trans(w.to(in_dtype)), None, FP64, PRECISION, UPCAST)
         if HAS_CLASS_BIAS:
             logits += tl.load(cls_b_ptr + offs_c, mask=mask_c, other=0.0).to(in_dtype).to(logits.dtype)[None, :]
         logits = tl.where(mask_c[None, :], logits, float("-inf"))

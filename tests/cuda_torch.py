@@ -48,12 +48,12 @@ CUDA_ARCHS = "90a"
 
 
 class CudaTorchUnavailable(RuntimeError):
-    pass
+    """The CUDA torch environment (or a package for it) could not be made; says why."""
 
 
-def cache_root() -> Path:
+def cache_root(kind: str = "cuda-torch") -> Path:
     base = os.environ.get("DIMASKDINO_CACHE") or Path.home() / ".cache" / "dimaskdino"
-    return Path(base).expanduser() / "cuda-torch"
+    return Path(base).expanduser() / kind
 
 
 def in_ci() -> bool:
@@ -113,6 +113,24 @@ def cuda_python() -> str:
             )
             done.write_text(" ".join(requirements) + "\n")
     return str(python)
+
+
+def pip_target(requirement: str) -> Path:
+    """A folder holding `requirement` (no dependencies), installed once with
+    `pip install --target` for this interpreter: for a package version to be put first on
+    PYTHONPATH in a subprocess (e.g. triton==3.6.0 beside the installed triton)."""
+    folder = cache_root("packages") / f"{requirement}-{sys.implementation.cache_tag}"
+    done = folder / ".complete"
+    with _locked(folder.with_name(folder.name + ".lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            log = folder.with_name(folder.name + ".log")
+            log.write_text("")
+            _run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-deps", "--target", str(folder), requirement],
+                 log, f"pip install --target {folder} {requirement}")
+            done.write_text(requirement + "\n")
+    return folder
 
 
 def _probe(python: str, code: str) -> str:
@@ -213,16 +231,22 @@ def cuda_torch_env() -> tuple[str, dict]:
     return python, env
 
 
-def cuda_torch_or_skip() -> tuple[str, dict]:
-    """cuda_torch_env() for a test: skipped with the reason where it is unavailable, failed under CI."""
+def or_skip(make, *args):
+    """make(*args) for a test: skipped with the reason where it raises CudaTorchUnavailable, failed
+    under CI (CI=true), where it must work."""
     import pytest
 
     try:
-        return cuda_torch_env()
+        return make(*args)
     except CudaTorchUnavailable as error:
         if in_ci():
-            pytest.fail(f"CI=true and the CUDA torch environment is unavailable: {error}")
-        pytest.skip(f"CUDA torch environment unavailable: {error}")
+            pytest.fail(f"CI=true and {make.__name__} failed: {error}")
+        pytest.skip(f"{make.__name__} unavailable: {error}")
+
+
+def cuda_torch_or_skip() -> tuple[str, dict]:
+    """cuda_torch_env() for a test: skipped with the reason where it is unavailable, failed under CI."""
+    return or_skip(cuda_torch_env)
 
 
 if __name__ == "__main__":

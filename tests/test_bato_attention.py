@@ -224,67 +224,7 @@ def test_auto_on_cpu_is_the_reference_without_a_warning():
 
 # What follows checks, without a GPU, the code paths that only a GPU runs.
 
-HOPPER_COMPILE = """
-import os, sys
-os.environ["TRITON_INTERPRET"] = "0"
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from dimaskdino.ops._triton import kernel_module
-
-
-def compile_for_hopper(fn, pointers, floats, constexprs, num_warps, num_stages):
-    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
-    signature = {
-        name: "constexpr" if name in constexprs else pointers.get(name) or ("fp32" if name in floats else "i32")
-        for name in fn.arg_names
-    }
-    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
-    assert kernel.asm.get("cubin"), "no cubin"
-    return kernel.asm["ptx"]
-"""
-
-
-def run_hopper_compile(body: str) -> str:
-    """Runs HOPPER_COMPILE + body in a fresh interpreter without TRITON_INTERPRET (compiles the
-    kernels to sm_90a cubins with triton's bundled ptxas; nothing is launched); returns stdout."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
-    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE + textwrap.dedent(body)], capture_output=True,
-                            text=True, env=env, cwd=root, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
-
-
-def test_kernels_compile_for_hopper():
-    """The production configuration (bf16, K=50, D=32) compiles for sm_90a and its dots become
-    wgmma; fp32 (ieee dots) and fp64 compile too."""
-    out = run_hopper_compile(
-        """
-        ba = kernel_module("bato_attention")
-        for dtype in ("bf16", "fp32", "fp64"):
-            block_k, block_d = ba.block_sizes(50, 32)
-            constexprs = dict(HEAD_DIM=32, BLOCK_K=block_k, BLOCK_D=block_d, FP64=dtype == "fp64",
-                              PRECISION="tf32" if dtype == "bf16" else "ieee", UPCAST=False)
-            io = {name: "*" + dtype for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr")}
-            acc = "*fp64" if dtype == "fp64" else "*fp32"
-            fwd = compile_for_hopper(ba.bato_attention_fwd_kernel, io, ["sm_scale"], dict(constexprs, BLOCK_M=ba.FWD_BLOCK_M),
-                                     ba.FWD_NUM_WARPS, ba.NUM_STAGES)
-            bwd = compile_for_hopper(ba.bato_attention_bwd_kernel, dict(io, dk_part_ptr=acc, dv_part_ptr=acc), ["sm_scale"],
-                                     dict(constexprs, BLOCK_M=ba.BWD_BLOCK_M), ba.BWD_NUM_WARPS, ba.NUM_STAGES)
-            print(dtype, "wgmma" in fwd, "wgmma" in bwd)
-        # Triton specializes integer arguments equal to 1 as constants: K = 1, S = 1, one split.
-        constexprs = dict(HEAD_DIM=16, BLOCK_K=16, BLOCK_D=16, FP64=False, PRECISION="tf32", UPCAST=False, K=1, S=1, SPLITS=1)
-        io = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr")}
-        compile_for_hopper(ba.bato_attention_fwd_kernel, io, ["sm_scale"], dict(constexprs, BLOCK_M=ba.FWD_BLOCK_M),
-                           ba.FWD_NUM_WARPS, ba.NUM_STAGES)
-        compile_for_hopper(ba.bato_attention_bwd_kernel, dict(io, dk_part_ptr="*fp32", dv_part_ptr="*fp32"), ["sm_scale"],
-                           dict(constexprs, BLOCK_M=ba.BWD_BLOCK_M), ba.BWD_NUM_WARPS, ba.NUM_STAGES)
-        print("specialized ok")
-        """
-    )
-    assert "bf16 True True" in out and "specialized ok" in out, out
+# Compiling the kernels for Hopper (sm_90a) at the model's launches: tests/test_triton_compile.py.
 
 
 def test_compiled_kernel_path_traces_into_triton_kernels():

@@ -8,9 +8,8 @@ import json
 
 import numpy as np
 import pytest
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 
+from dimaskdino._optional import LazyModule
 from dimaskdino.data import problems as P
 from dimaskdino.data.coco import (
     CategoryMap,
@@ -24,6 +23,10 @@ from dimaskdino.data.transforms import Geometry, build_target
 
 # pycocotools calls np.array(copy=False) on numpy 2: harmless, noisy.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
+
+# Optional packages, imported by the tests that use them (a missing one skips those tests only).
+mask_utils = LazyModule("pycocotools.mask", "this test")
+coco_api = LazyModule("pycocotools.coco", "this test")
 
 H, W = 40, 50
 
@@ -124,7 +127,7 @@ def test_polygons_and_rle_decode_like_pycocotools(tmp_path):
     ds = load_coco(path, str(tmp_path), for_training=False)
     record = next(r for r in ds.records if r.image_id == 5)
     target = build_target(record, _identity(record), (H, W))
-    coco = COCO(path)
+    coco = coco_api.COCO(path)
     expected = [coco.annToMask(coco.anns[i]).astype(bool) for i in (1, 2)]  # crowd (3) left out
     assert target["labels"].tolist() == [1, 0]
     poly, rle = target["masks"]

@@ -10,9 +10,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
 
+from dimaskdino._optional import LazyModule
 from dimaskdino.data import problems as P
+from dimaskdino.data.dali import DaliEvalLoader, DaliTrainLoader
+from dimaskdino.data.loader import TorchEvalLoader, TorchTrainLoader, build_train_loader
+from dimaskdino.data.synthetic import make_synthetic_coco
 from dimaskdino.data.coco import load_coco
 from dimaskdino.data.rasterize import masks_to_boxes, polygon_area, rasterize_polygons
 from dimaskdino.data.transforms import (
@@ -26,13 +29,10 @@ from dimaskdino.data.transforms import (
 # pycocotools calls np.array(copy=False) on numpy 2: harmless, noisy.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
 
-pytest.importorskip("nvidia.dali")
-PIL = pytest.importorskip("PIL")
-from PIL import Image  # noqa: E402
+# Optional packages, imported by the tests that use them (a missing one skips those tests only).
+mask_utils = LazyModule("pycocotools.mask", "this test")
+Image = LazyModule("PIL.Image", "this test")
 
-from dimaskdino.data.dali import DaliEvalLoader, DaliTrainLoader  # noqa: E402
-from dimaskdino.data.loader import TorchEvalLoader, TorchTrainLoader, build_train_loader  # noqa: E402
-from dimaskdino.data.synthetic import make_synthetic_coco  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,10 +15,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
+from dimaskdino._optional import LazyModule
 from dimaskdino.config import apply_overrides, get_preset
 from dimaskdino.data import CategoryMap, build_eval_loader, load_coco
 from dimaskdino.data.synthetic import make_synthetic_coco
@@ -38,6 +36,11 @@ from dimaskdino.model import build_model
 # one process, which is what these tests mean.
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")]
+
+# Optional packages, imported by the tests that use them (a missing one skips those tests only).
+mask_utils = LazyModule("pycocotools.mask", "this test")
+coco_api = LazyModule("pycocotools.coco", "this test")
+cocoeval_api = LazyModule("pycocotools.cocoeval", "this test")
 
 HEIGHT, WIDTH = 90, 120  # resized x2 to 180 x 240, padded to 192 x 256: padding is exercised
 SHORT_SIDE, MAX_SIZE = 180, 400
@@ -114,12 +117,12 @@ def pycocotools_stats(gt_json: str, predictions: list[dict], iou_type: str) -> n
     """pycocotools used directly. Mask results are given without their boxes, the standard way
     (with a box, loadRes would take the box area for the small/medium/large ranges)."""
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO(gt_json)
+        coco_gt = coco_api.COCO(gt_json)
         if iou_type == "segm":
             results = [{k: v for k, v in p.items() if k != "bbox"} for p in predictions]
         else:
             results = [{k: v for k, v in p.items() if k != "segmentation"} for p in predictions]
-        evaluator = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(results)), iou_type)
+        evaluator = cocoeval_api.COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(results)), iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()

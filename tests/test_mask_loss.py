@@ -2,12 +2,7 @@
 PyTorch paths against the reference that materializes Q x H x W mask logits; the matcher, the
 criterion and the model in point-mask mode against their full-mask mode."""
 
-import os
-import subprocess
-import sys
-import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -526,50 +521,7 @@ def test_model_point_masks_train_like_full_masks(monkeypatch):
 # What a GPU runs, checked without one
 
 
-HOPPER_COMPILE = """
-import os
-os.environ["TRITON_INTERPRET"] = "0"
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from dimaskdino.ops._triton import kernel_module
-
-
-def compile_for_hopper(fn, pointers, constexprs, num_warps, num_stages):
-    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
-    signature = {name: "constexpr" if name in constexprs else pointers.get(name) or "i32" for name in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
-    assert kernel.asm.get("cubin"), "no cubin"
-    return kernel.asm["ptx"]
-
-
-ml = kernel_module("mask_loss")
-# Production: bf16 embeddings and point features (tensor cores), float32 sums; and float32 inputs.
-for dtype, half in (("bf16", True), ("fp32", False)):
-    block_q, block_n, block_p, block_d = ml.cost_block_sizes(20, 256, False)
-    pointers = dict(e_ptr="*" + dtype, f_ptr="*" + dtype, t_ptr="*fp32", xt_ptr="*fp32", st_ptr="*fp32",
-                    sp_ptr="*fp32", s_ptr="*fp32")
-    ptx = compile_for_hopper(ml.point_mask_cost_kernel, pointers,
-                             dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_D=block_d, FP64=False,
-                                  PRECISION="ieee", HALF_DOT=half, UPCAST=False), ml.COST_NUM_WARPS, ml.NUM_STAGES)
-    print("cost", dtype, "wgmma" in ptx or "mma" in ptx)
-pointers = dict(m_ptr="*fp32", pts_ptr="*fp32", t_ptr="*fp32", part_ptr="*fp32", g_ptr="*fp32", gm_ptr="*fp32")
-compile_for_hopper(ml.point_mask_loss_fwd_kernel, pointers, dict(BLOCK_P=ml.LOSS_BLOCK_P, FP64=False), ml.LOSS_NUM_WARPS, 2)
-ptx = compile_for_hopper(ml.point_mask_loss_bwd_kernel, pointers, dict(BLOCK_P=ml.LOSS_BLOCK_P, FP64=False), ml.LOSS_NUM_WARPS, 2)
-print("loss ok", "red.global" in ptx or "atom.global" in ptx)
-"""
-
-
-def test_kernels_compile_for_hopper():
-    """The kernels compile to sm_90a cubins (nothing is launched): the bf16 cost kernel's x GEMM
-    becomes a tensor-core instruction and the loss backward uses global atomics."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(HOPPER_COMPILE)], capture_output=True, text=True,
-                            env=env, cwd=root, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "cost bf16 True" in result.stdout and "loss ok True" in result.stdout, result.stdout
+# Compiling the kernels for Hopper (sm_90a) at the model's launches: tests/test_triton_compile.py.
 
 
 @pytest.fixture

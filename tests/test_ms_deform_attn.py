@@ -1,5 +1,6 @@
 """The MSDA op: every native implementation against the pure-PyTorch reference."""
 
+import sys
 import warnings
 
 import pytest
@@ -10,11 +11,24 @@ from dimaskdino.model.ms_deform_attn import MSDeformAttn
 from dimaskdino.ops import ms_deform_attn, ms_deform_attn_ref
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# The CUDA op computes in float32 (or 16-bit) and rejects float64 by design: the precise checks
+# run in float64 on the CPU and in float32 on CUDA.
+DEVICE_DTYPES = [("cpu", torch.float64), ("cpu", torch.float32), pytest.param("cuda", torch.float32, marks=pytest.mark.gpu)]
+
+
+def precise_dtype(device: str) -> torch.dtype:
+    return torch.float32 if device == "cuda" else torch.float64
+
+
+def tolerance(dtype: torch.dtype, float64: float = 1e-10) -> float:
+    return float64 if dtype == torch.float64 else 1e-5
 
 
 def make_inputs(shapes, batch=2, queries=7, heads=2, channels=8, points=2, dtype=torch.float32,
                 loc_low=-0.1, loc_high=1.1, device="cpu", loc_dtype=None):
     """Random inputs; locations reach outside [0, 1] so zero padding is exercised."""
+    if device == "cuda" and torch.float64 in (dtype, loc_dtype):
+        raise ValueError("the CUDA op takes no float64 (by design): use precise_dtype(device)")
     spatial_shapes = torch.tensor(shapes, dtype=torch.int64, device=device)
     sizes = spatial_shapes.prod(1)
     level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
@@ -53,12 +67,11 @@ AWKWARD = {
 }
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("case", sorted(AWKWARD))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_matches_reference(case, dtype, device):
     inputs = make_inputs(dtype=dtype, device=device, **AWKWARD[case])
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    tol = tolerance(dtype)
     check_against_reference(inputs, device, atol=tol, rtol=tol)
 
 
@@ -66,25 +79,28 @@ def test_matches_reference(case, dtype, device):
 def test_locations_on_borders_and_pixel_centres(device):
     """Exactly 0, exactly 1, pixel centres (integer pixel coordinates) and half-pixels outside."""
     shapes = [(4, 5), (2, 3)]
-    value, ss, starts, _, weights = make_inputs(shapes, batch=1, queries=8, heads=1, points=3, dtype=torch.float64, device=device)
+    dtype = precise_dtype(device)
+    value, ss, starts, _, weights = make_inputs(shapes, batch=1, queries=8, heads=1, points=3, dtype=dtype, device=device)
     w, h = 5.0, 4.0
-    specials = torch.tensor([0.0, 1.0, 0.5 / w, 1 - 0.5 / w, 1.5 / w, -0.5 / w, 1 + 0.5 / w, 0.5], dtype=torch.float64)
+    specials = torch.tensor([0.0, 1.0, 0.5 / w, 1 - 0.5 / w, 1.5 / w, -0.5 / w, 1 + 0.5 / w, 0.5], dtype=dtype)
     xs = specials[torch.randint(0, len(specials), (1, 8, 1, 2, 3))]
     ys = specials[torch.randint(0, len(specials), (1, 8, 1, 2, 3))] * (w / h)
     loc = torch.stack([xs, ys.clamp(-0.2, 1.2)], -1).to(device)
     out = ms_deform_attn(value, ss, starts, loc, weights, impl=device)
-    torch.testing.assert_close(out, ms_deform_attn_ref(value, ss, starts, loc, weights), atol=1e-12, rtol=1e-12)
+    tol = tolerance(dtype, float64=1e-12)
+    torch.testing.assert_close(out, ms_deform_attn_ref(value, ss, starts, loc, weights), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_inputs(device):
-    value, ss, starts, loc, weights = make_inputs([(5, 6), (3, 4)], heads=2, channels=8, dtype=torch.float64, device=device)
+    dtype = precise_dtype(device)
+    value, ss, starts, loc, weights = make_inputs([(5, 6), (3, 4)], heads=2, channels=8, dtype=dtype, device=device)
     # Same values, strided memory: transposed copies viewed back, and a sliced value.
     value_nc = value.transpose(1, 2).contiguous().transpose(1, 2)
     loc_nc = loc.permute(5, 0, 1, 2, 3, 4).contiguous().permute(1, 2, 3, 4, 5, 0)
     weights_nc = torch.cat([weights, weights], dim=-1)[..., : weights.shape[-1]]
     assert not (value_nc.is_contiguous() or loc_nc.is_contiguous() or weights_nc.is_contiguous())
-    check_against_reference((value_nc, ss, starts, loc_nc, weights_nc), device, atol=1e-10, rtol=1e-10)
+    check_against_reference((value_nc, ss, starts, loc_nc, weights_nc), device, atol=tolerance(dtype), rtol=tolerance(dtype))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -103,8 +119,9 @@ def test_low_precision_error_at_most_twice_pytorch(dtype, device):
     assert ours_err <= 2 * torch_err, (ours_err, torch_err)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck_float64(device):
+def test_gradcheck_float64(device="cpu"):
+    """CPU only: gradcheck needs float64, which the CUDA op does not take (its gradients are
+    checked against the reference in float32 by test_matches_reference)."""
     value, ss, starts, loc, weights = make_inputs([(3, 4), (2, 2)], batch=2, queries=3, heads=2, channels=3, points=2, dtype=torch.float64, device=device)
     # Keep points off integer pixel coordinates, where bilinear sampling has a kink.
     loc = loc.clamp(0.02, 0.98)
@@ -114,7 +131,7 @@ def test_gradcheck_float64(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    for dtype in (torch.float32, torch.float64):
+    for dtype in {torch.float32, precise_dtype(device)}:
         value, ss, starts, loc, weights = make_inputs([(5, 6), (3, 4)], dtype=dtype, device=device)
         args = (value.requires_grad_(), ss, starts, loc.requires_grad_(), weights.requires_grad_())
         torch.library.opcheck(torch.ops.dimaskdino.ms_deform_attn.default, args)
@@ -267,3 +284,38 @@ def test_cuda_encoder_sized_case_matches_cpu(dtype):
     torch.testing.assert_close(out.double().cpu(), ref, atol=tol, rtol=tol)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.double().cpu(), r, atol=tol * 10, rtol=tol)
+
+
+def test_no_cuda_test_asks_for_float64(monkeypatch):
+    """Every CUDA-parametrized test of this module, called with device="cuda" up to its first
+    make_inputs, asks for float32 or 16-bit (the CUDA op rejects float64; 13 gpu tests did)."""
+
+    class Reached(Exception):
+        pass
+
+    asked = []
+
+    def record(*args, dtype=torch.float32, device="cpu", loc_dtype=None, **kwargs):
+        asked.append((dtype, loc_dtype))
+        raise Reached
+
+    monkeypatch.setattr(sys.modules[__name__], "make_inputs", record)
+    calls = 0
+    for name, fn in list(globals().items()):
+        marks = getattr(fn, "pytestmark", [])
+        params = [m for m in marks if m.name == "parametrize"]
+        if not name.startswith("test_") or not any("device" in m.args[0] for m in params):
+            continue
+        combos = [{}]
+        for mark in params:
+            names = [n.strip() for n in mark.args[0].split(",")]
+            values = [v.values if hasattr(v, "values") else v if len(names) > 1 else (v,) for v in mark.args[1]]
+            combos = [dict(c, **dict(zip(names, v))) for c in combos for v in values]
+        for kwargs in combos:
+            if kwargs.get("device") != "cuda":
+                continue
+            calls += 1
+            with pytest.raises(Reached):
+                fn(**kwargs)
+    assert calls >= 10, calls
+    assert len(asked) == calls and all(torch.float64 not in pair for pair in asked), asked

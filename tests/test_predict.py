@@ -8,9 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from pycocotools import mask as mask_utils
 
+from dimaskdino._optional import LazyModule
 from dimaskdino.config import apply_overrides, get_preset
 from dimaskdino.data import CategoryMap
 from dimaskdino.data.transforms import eval_resize_size
@@ -30,6 +29,10 @@ from dimaskdino.visualize import class_colour, overlay, save_overlay_grid
 
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")]
+
+# Optional packages, imported by the tests that use them (a missing one skips those tests only).
+mask_utils = LazyModule("pycocotools.mask", "this test")
+Image = LazyModule("PIL.Image", "this test")
 
 SHORT_SIDE, MAX_SIZE = 96, 160
 CATEGORIES = CategoryMap((1, 2, 4, 5, 7, 9), ("circle", "square", "triangle", "star", "ellipse", "ring"))

@@ -8,9 +8,8 @@ import os
 
 import numpy as np
 import pytest
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 
+from dimaskdino._optional import LazyModule
 from dimaskdino.data import synthetic
 from dimaskdino.data.coco import load_coco
 from dimaskdino.data.rasterize import masks_to_boxes, rasterize_polygons
@@ -18,6 +17,10 @@ from dimaskdino.data.rasterize import masks_to_boxes, rasterize_polygons
 
 # pycocotools calls np.array(copy=False) on numpy 2: harmless, noisy.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
+
+# Optional packages, imported by the tests that use them (a missing one skips those tests only).
+mask_utils = LazyModule("pycocotools.mask", "this test")
+coco_api = LazyModule("pycocotools.coco", "this test")
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
@@ -45,7 +48,7 @@ def test_same_seed_gives_identical_files(generated, tmp_path):
 
 def test_valid_coco_with_consistent_visible_masks(generated):
     _, paths = generated
-    coco = COCO(paths.train_json)
+    coco = coco_api.COCO(paths.train_json)
     assert len(coco.imgs) == 24 and len(coco.cats) >= 5
     used = {a["category_id"] for a in coco.anns.values()}
     assert used == set(coco.cats)  # every class appears in 24 images
@@ -82,7 +85,7 @@ def test_jpeg_cli(tmp_path, capsys):
     pytest.importorskip("PIL")
     synthetic.main([str(tmp_path), "--seed", "1", "--train", "3", "--val", "2", "--size", "64x80"])
     assert "wrote 3 train + 2 val" in capsys.readouterr().out
-    coco = COCO(str(tmp_path / "annotations" / "instances_val.json"))
+    coco = coco_api.COCO(str(tmp_path / "annotations" / "instances_val.json"))
     assert len(coco.imgs) == 2
     image = coco.imgs[1]
     assert (image["height"], image["width"]) == (64, 80)

@@ -227,40 +227,7 @@ def run_without_interpreter(script: str) -> str:
     return result.stdout
 
 
-def test_kernel_compiles_for_hopper():
-    """The production configurations (d=256, C=80, bf16 memory; bf16 or fp32 weights; with and
-    without the projection) compile to sm_90a cubins with wgmma dots; fp32 and fp64 compile too.
-    Nothing is launched."""
-    out = run_without_interpreter(
-        """
-        import os
-        os.environ["TRITON_INTERPRET"] = "0"
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        from dimaskdino.ops._triton import kernel_module
-
-        ts = kernel_module("topk_select")
-        fn = ts.class_max_scores_kernel
-        weights = ("proj_w_ptr", "proj_b_ptr", "norm_w_ptr", "norm_b_ptr", "cls_w_ptr", "cls_b_ptr")
-        for dtype, weight_dtype in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")):
-            for proj in (True, False):
-                config = ts.launch_config(256, 80)
-                num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
-                constexprs = dict(config, HAS_PROJ=proj, HAS_PROJ_BIAS=True, HAS_CLASS_BIAS=True, FP64=dtype == "fp64",
-                                  PRECISION="tf32" if dtype == "bf16" else "ieee", UPCAST=False)
-                pointers = {"x_ptr": "*" + dtype, "out_ptr": "*fp64" if dtype == "fp64" else "*fp32"}
-                pointers.update({name: "*" + weight_dtype for name in weights})
-                signature = {name: "constexpr" if name in constexprs else pointers.get(name) or ("fp32" if name == "eps" else "i32")
-                             for name in fn.arg_names}
-                kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                                        options=dict(num_warps=num_warps, num_stages=num_stages))
-                assert kernel.asm.get("cubin")
-                print(dtype, weight_dtype, proj, "wgmma" in kernel.asm["ptx"])
-        """
-    )
-    for line in ("bf16 bf16 True True", "bf16 bf16 False True", "bf16 fp32 True True", "bf16 fp32 False True"):
-        assert line in out, out
+# Compiling the kernels for Hopper (sm_90a) at the model's launches: tests/test_triton_compile.py.
 
 
 def test_compiled_kernel_path_traces_into_triton_kernels():

@@ -26,11 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
+from dimaskdino._optional import LazyModule
 from dimaskdino.data import problems as P
 from dimaskdino.data.problems import DataProblems
 from dimaskdino.data.rasterize import polygon_area
+
+mask_utils = LazyModule("pycocotools.mask", "COCO annotations (RLE masks)")  # extra "data"
 
 
 class CocoFormatError(ValueError):

@@ -28,6 +28,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from dimaskdino._optional import import_optional
 from dimaskdino.data import problems as P
 from dimaskdino.data.coco import CocoDataset
 from dimaskdino.data.problems import DataProblems
@@ -116,10 +117,19 @@ def _encode_plan(plan: PlannedBatch, encoded: list[np.ndarray]) -> tuple[list, .
     return cols
 
 
+DALI_FEATURE = "the DALI data pipeline (data.loader=dali)"
+
+
+def _dali():
+    """nvidia.dali's fn and types modules and its Pipeline class (the optional extra "dali")."""
+    fn = import_optional("nvidia.dali.fn", DALI_FEATURE)
+    types = import_optional("nvidia.dali.types", DALI_FEATURE)
+    return fn, types, import_optional("nvidia.dali.pipeline", DALI_FEATURE).Pipeline
+
+
 def _build_pipeline(source: _Source, *, batch_size: int, device_id: int | None, num_threads: int,
                     pad_value, prefetch: int, seed: int):
-    from nvidia.dali import fn, types
-    from nvidia.dali.pipeline import Pipeline
+    fn, types, Pipeline = _dali()
 
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                     prefetch_queue_depth=prefetch, seed=seed)
@@ -149,7 +159,7 @@ def _build_pipeline(source: _Source, *, batch_size: int, device_id: int | None, 
 
 
 def _images_to_torch(images, device_id: int | None) -> torch.Tensor:
-    from nvidia.dali.plugin.pytorch import feed_ndarray
+    feed_ndarray = import_optional("nvidia.dali.plugin.pytorch", DALI_FEATURE).feed_ndarray
 
     dense = images.as_tensor()
     shape = tuple(dense.shape())
@@ -241,8 +251,7 @@ class _DaliLoader:
 
 def _decodes(path: str) -> bool:
     """Whether DALI's CPU decoder can decode one file (used only after a pipeline failure)."""
-    from nvidia.dali import fn, types
-    from nvidia.dali.pipeline import Pipeline
+    fn, types, Pipeline = _dali()
 
     try:
         data = np.fromfile(path, dtype=np.uint8)

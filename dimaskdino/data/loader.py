@@ -13,6 +13,7 @@ explicitly only, and says so once in the log.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Iterator
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dimaskdino._optional import MissingOptionalDependency, import_optional
 from dimaskdino.data import problems as P
 from dimaskdino.data.coco import CocoDataset
 from dimaskdino.data.problems import DataProblems
@@ -53,10 +55,8 @@ def _report_fallback() -> None:
 
 def decode_image(path: str) -> np.ndarray:
     """RGB uint8 (H, W, 3) with Pillow, EXIF orientation applied (as DALI's decoder does)."""
-    try:
-        from PIL import Image, ImageOps
-    except ImportError:
-        raise ImportError("the PyTorch fallback loader decodes with Pillow: pip install pillow") from None
+    image_ops = import_optional("PIL.ImageOps", "the PyTorch fallback loader (image decoding)")  # Pillow
+    Image, ImageOps = image_ops.Image, image_ops
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         return np.array(im.convert("RGB"))
@@ -204,9 +204,34 @@ class TorchEvalLoader(_TorchLoader):
         yield from self._batches(list(range(len(self))))
 
 
+@functools.lru_cache(maxsize=None)
+def dali_missing() -> str | None:
+    """None when NVIDIA DALI imports, else why not (it is the optional extra "dali")."""
+    try:
+        import_optional("nvidia.dali.pipeline", "the DALI data pipeline (data.loader=dali)")
+    except MissingOptionalDependency as error:
+        return str(error)
+    return None
+
+
+def _available_backend(backend: str) -> str:
+    """`backend`, or "torch" with one warning where "dali" was asked for but DALI is not installed
+    (a CPU user need not download DALI's CUDA libraries to run the demo)."""
+    if backend == "dali" and dali_missing() is not None:
+        _warn_dali_missing_once()
+        return "torch"
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_dali_missing_once() -> None:
+    logger.warning("data: %s; using the PyTorch fallback loader (data.loader=torch)", dali_missing())
+
+
 def build_train_loader(dataset: CocoDataset, *, backend: str = "dali", **kwargs):
     """Training loader; kwargs as `dali.DaliTrainLoader` (device_id and num_threads are DALI's,
     num_workers the fallback's)."""
+    backend = _available_backend(backend)
     if backend == "dali":
         from dimaskdino.data.dali import DaliTrainLoader
 
@@ -219,6 +244,7 @@ def build_train_loader(dataset: CocoDataset, *, backend: str = "dali", **kwargs)
 
 def build_eval_loader(dataset: CocoDataset, *, backend: str = "dali", **kwargs):
     """Evaluation loader; kwargs as `dali.DaliEvalLoader`."""
+    backend = _available_backend(backend)
     if backend == "dali":
         from dimaskdino.data.dali import DaliEvalLoader
 

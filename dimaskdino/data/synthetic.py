@@ -28,9 +28,11 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
+from dimaskdino._optional import LazyModule, import_optional
 from dimaskdino.data.rasterize import masks_to_boxes, rasterize_polygons
+
+mask_utils = LazyModule("pycocotools.mask", "the synthetic dataset (RLE masks)")  # extra "data"
 
 CATEGORIES = [
     {"id": 1, "name": "circle"},
@@ -237,7 +239,7 @@ def encode_png(img: np.ndarray) -> bytes:
 
 def encode_jpeg(img: np.ndarray, quality: int = 92) -> bytes:
     try:
-        from PIL import Image
+        Image = import_optional("PIL.Image", "the synthetic dataset (writing images)")  # Pillow
     except ImportError:
         raise ImportError("writing JPEG needs Pillow (pip install pillow), or use --format png") from None
     buf = io.BytesIO()

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
+from dimaskdino._optional import LazyModule
 from dimaskdino.data.coco import ImageRecord
 from dimaskdino.data.rasterize import masks_to_boxes, rasterize_polygons, xyxy_to_normalized_cxcywh
+
+mask_utils = LazyModule("pycocotools.mask", "decoding RLE masks")  # extra "data"
 
 
 TRAIN_PAD_VALUE = 128.0  # Detectron2 FixedSizeCrop's pad value (raw pixels)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -22,10 +25,26 @@ def _triton_interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+def _source_tree_kernels() -> None:
+    """Makes dimaskdino.kernels importable from a source checkout that was not pip-installed (the
+    repo's top-level kernels/ folder is mapped to dimaskdino.kernels only by the install)."""
+    if "dimaskdino.kernels" in sys.modules or importlib.util.find_spec("dimaskdino.kernels") is not None:
+        return
+    folder = Path(__file__).resolve().parents[2] / "kernels"
+    if not (folder / "__init__.py").is_file():
+        return
+    spec = importlib.util.spec_from_file_location("dimaskdino.kernels", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dimaskdino.kernels"] = module
+    spec.loader.exec_module(module)
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_module(name: str):
     """dimaskdino.kernels.<name>, imported on first use: triton.jit decides at decoration time
     whether a kernel is compiled or interpreted, so the import must follow TRITON_INTERPRET."""
+    _source_tree_kernels()
     return importlib.import_module(f"dimaskdino.kernels.{name}")
 
 
@@ -47,6 +66,10 @@ def triton_status(name: str, device_type: str) -> str:
         import triton  # noqa: F401
     except ImportError as error:
         return f"unavailable: triton is not importable ({error})"
+    try:
+        kernel_module(name)
+    except ImportError as error:
+        return f"unavailable: the Triton kernels dimaskdino.kernels.{name} are not importable ({error})"
     if device_type == "cpu":
         if not _triton_interpret_requested():
             return (

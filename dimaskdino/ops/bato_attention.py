@@ -110,8 +110,11 @@ def _launch_args(q, k, v):
     batch, heads, seq, dim = q.shape
     block_k, block_d = kernels.block_sizes(k.shape[2], dim)
     meta = dict(HEAD_DIM=dim, BLOCK_K=block_k, BLOCK_D=block_d, FP64=q.dtype == torch.float64,
-                PRECISION=dot_precision(q.dtype), UPCAST=interpreter_upcast(q.dtype, "bato_attention"))
+                UPCAST=interpreter_upcast(q.dtype, "bato_attention"))
     return kernels, batch, heads, seq, dim, meta
+
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,11 +142,12 @@ def _bato_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     if q.numel() == 0:
         return out
     kernels, batch, heads, seq, dim, meta = _launch_args(q, k, v)
-    grid = (cdiv(seq, kernels.FWD_BLOCK_M), batch * heads)
+    config = kernels.forward_config(_DTYPE_NAMES[q.dtype], meta["BLOCK_K"])
+    grid = (cdiv(seq, config["BLOCK_M"]), batch * heads)
     wrap_triton(kernels.bato_attention_fwd_kernel)[grid](
         q, k, v, out, seq, k.shape[2], heads, dim ** -0.5,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        BLOCK_M=kernels.FWD_BLOCK_M, num_warps=kernels.FWD_NUM_WARPS, num_stages=kernels.NUM_STAGES, **meta,
+        PRECISION=dot_precision(q.dtype), num_stages=kernels.NUM_STAGES, **config, **meta,
     )
     return out
 
@@ -165,14 +169,15 @@ def _bato_attention_backward_triton(
     if batch * heads == 0:
         return grad_q, k.new_zeros(k.shape), v.new_zeros(v.shape)
     kernels, batch, heads, seq, dim, meta = _launch_args(q, k, v)
-    splits = _backward_splits(q.device, batch * heads, cdiv(seq, kernels.BWD_BLOCK_M))
+    config = kernels.backward_config(_DTYPE_NAMES[q.dtype], meta["BLOCK_K"])
+    splits = _backward_splits(q.device, batch * heads, cdiv(seq, config["BLOCK_M"]))
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     grad_k_parts = torch.empty(batch * heads, splits, num_keys, dim, dtype=acc_dtype, device=q.device)
     grad_v_parts = torch.empty_like(grad_k_parts)
     wrap_triton(kernels.bato_attention_bwd_kernel)[(splits, batch * heads)](
         q, k, v, grad_out, grad_q, grad_k_parts, grad_v_parts, seq, num_keys, heads, splits, dim ** -0.5,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_q.stride(),
-        BLOCK_M=kernels.BWD_BLOCK_M, num_warps=kernels.BWD_NUM_WARPS, num_stages=kernels.NUM_STAGES, **meta,
+        num_stages=kernels.NUM_STAGES, **config, **meta,
     )
     # Deterministic reduction of the per-split partials (see kernels/bato_attention.py).
     grad_k = grad_k_parts.sum(1).view(batch, heads, num_keys, dim).to(k.dtype)
