@@ -107,7 +107,7 @@ def plan(dry_run: bool, out: Path) -> list[Step]:
     if sanitizer is None:
         steps.append(Step("sanitizer", 60, 20, None, skip_reason="compute-sanitizer not found"))
     else:
-        steps.append(Step("sanitizer", 60, 20, [sanitizer, "--tool", "memcheck", "--error-exitcode", "1",
+        steps.append(Step("sanitizer", 90, 20, [sanitizer, "--tool", "memcheck", "--error-exitcode", "1",
                                                 python, str(ROOT / "benchmarks" / "sanitize_kernels.py")]))
     steps.append(Step("kernels", 150, 60, [python, str(ROOT / "benchmarks" / "kernels.py"), "--out", str(out)]))
     steps.append(Step("train step", 120, 45, [python, str(ROOT / "benchmarks" / "train_step.py"), "--out", str(out)]))
