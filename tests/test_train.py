@@ -50,11 +50,14 @@ def loss_records(output_dir: Path) -> list[dict]:
 
 
 def test_two_process_fsdp_matches_one_process(tmp_path):
-    """Same global batch (4 = 1 x 4 = 2 x 2): the first 5 losses agree to 1e-4 relative. What
-    differs is only the order of floating-point sums (gradient reduce-scatter, loss reductions);
-    the data, augmentation and every random draw are per image and identical by construction.
-    The denoising groups come from the global batch here (max_gt_scope=global); with the authors'
-    per-process default they depend on the split."""
+    """Same global batch (4 = 1 x 4 = 2 x 2): the losses agree. What differs is only the order of
+    floating-point sums (gradient reduce-scatter, loss reductions); the data, augmentation and
+    every random draw are per image and identical by construction. The denoising groups come from
+    the global batch here (max_gt_scope=global); with the authors' per-process default they depend
+    on the split. Step 1 sees identical weights, so a wrong normalizer or a missing reduction shows
+    there; the reduction-order rounding of the gradient (about 1e-5 of its norm) then grows through
+    each clipped update, about tenfold per step (measured: 0, 9e-8, 5e-7, 4e-6, 1e-4 relative on the
+    total loss), so later steps get a looser bound."""
     cache = tmp_path / "cache"
     common = ["train.max_steps=5", "train.eval_period=-1", "train.checkpoint_period=0", "train.deterministic=true",
               "model.denoising.max_gt_scope=global"]
@@ -63,10 +66,11 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     one, two = loss_records(tmp_path / "one"), loss_records(tmp_path / "two")
     assert [r["step"] for r in one] == [1, 2, 3, 4, 5] == [r["step"] for r in two]
     for a, b in zip(one, two):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+        total_rel, term_rel = (1e-5, 1e-3) if a["step"] <= 3 else (1e-3, 1e-2)
+        assert b["loss"] == pytest.approx(a["loss"], rel=total_rel), (a["step"], a["loss"], b["loss"])
         for key in a:
             if "/" in key:  # every loss term, not just the total
-                assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), (a["step"], key)
+                assert b[key] == pytest.approx(a[key], rel=term_rel, abs=1e-6), (a["step"], key)
 
 
 def test_kill_at_random_step_then_resume_gives_the_same_losses(tmp_path):
