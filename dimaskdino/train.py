@@ -137,9 +137,14 @@ def lr_factor(step: int, warmup_iters: int, drop_steps: list[int]) -> float:
     return factor
 
 
-def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+def shard_model(model: nn.Module, world_size: int) -> nn.Module:
     """FSDP2: one unit per encoder and decoder layer and the backbone, then the root (which keeps
-    the shared heads together in one unit)."""
+    the shared heads together in one unit). One process gets the plain model: FSDP2 would still
+    gather and scatter copies of every unit each step and make every parameter a DTensor (a slower
+    optimizer step), for no memory saving. Checkpoints do not
+    differ: DCP stores global tensors either way, so any world size resumes any other."""
+    if world_size == 1:
+        return model
     from torch.distributed.fsdp import fully_shard
 
     for unit in model.fsdp_units():
@@ -383,7 +388,7 @@ def setup(cfg: Config) -> Trainer:
         (output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
 
     torch.manual_seed(cfg.train.seed)  # the initial weights
-    model = shard_model(build_model(cfg).to(info.device), info.device)
+    model = shard_model(build_model(cfg).to(info.device), info.world_size)
     inter_scene = None
     if cfg.train.inter_scene:
         from dimaskdino.training_methods import InterSceneTerm

@@ -1,5 +1,6 @@
 """The MSDA op: every native implementation against the pure-PyTorch reference."""
 
+import importlib
 import sys
 import warnings
 
@@ -358,3 +359,38 @@ def test_no_cuda_test_asks_for_float64(monkeypatch):
                 fn(**kwargs)
     assert calls >= 10, calls
     assert len(asked) == calls and all(torch.float64 not in pair for pair in asked), asked
+
+
+def test_cuda_backward_alerts_under_deterministic_algorithms():
+    """The CUDA backward scatters with atomic adds: like grid_sample's, it is an error under
+    torch.use_deterministic_algorithms(True) and a warning under warn_only. Run on fake CUDA
+    tensors (the CUDA-only branch, no GPU); the CPU backward is deterministic and never alerts."""
+    from types import SimpleNamespace
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    msda_module = importlib.import_module("dimaskdino.ops.ms_deform_attn")  # the package exports the function
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        with FakeTensorMode():
+            shapes = ((2, 1, 4, 8), (1, 2), (1,), (2, 3, 4, 1, 2, 2), (2, 3, 4, 1, 2))
+            value, spatial, start, loc, weights = (torch.empty(s, device="cuda") for s in shapes)
+            ctx = SimpleNamespace(saved_tensors=(value, spatial.long(), start.long(), loc, weights))
+            grad_output = torch.empty(2, 3, 32, device="cuda")
+            torch.use_deterministic_algorithms(False)
+            grads = msda_module._backward(ctx, grad_output)
+            assert grads[0].shape == value.shape and grads[0].device.type == "cuda"
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            with pytest.warns(UserWarning, match="ms_deform_attn backward"):
+                msda_module._backward(ctx, grad_output)
+            torch.use_deterministic_algorithms(True)
+            with pytest.raises(RuntimeError, match="ms_deform_attn backward .* use warn_only=True"):
+                msda_module._backward(ctx, grad_output)
+        # The CPU backward has no atomics: no alert even in strict mode.
+        value, loc, weights = torch.rand(1, 4, 1, 2), torch.rand(1, 3, 1, 1, 2, 2), torch.rand(1, 3, 1, 1, 2)
+        for tensor in (value, loc, weights):
+            tensor.requires_grad_(True)
+        out = ms_deform_attn(value, torch.tensor([[2, 2]]), torch.tensor([0]), loc, weights, impl="cpu")
+        out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

@@ -106,8 +106,8 @@ def test_kill_at_random_step_then_resume_gives_the_same_losses(tmp_path):
 
 
 def test_run_outputs_and_resume_on_another_world_size(tmp_path):
-    """A short run writes checkpoint, metrics, log, picture; a 2-process run resumes its
-    1-process checkpoint."""
+    """A short run writes checkpoint, metrics, log, picture; a 2-process (FSDP) run resumes its
+    1-process (plain model) checkpoint, and 1 process resumes the 2-process one."""
     cache = tmp_path / "cache"
     out = tmp_path / "run"
     run_training(out, cache, ["train.max_steps=2", "train.checkpoint_period=2"])
@@ -119,6 +119,9 @@ def test_run_outputs_and_resume_on_another_world_size(tmp_path):
     result = run_training(out, cache, ["train.max_steps=3", "train.checkpoint_period=3", "train.eval_period=-1"], nproc=2)
     assert "resumed from" in result.stdout
     assert [r["step"] for r in loss_records(out)][-1] == 3
+    result = run_training(out, cache, ["train.max_steps=4", "train.checkpoint_period=4", "train.eval_period=-1"])
+    assert "resumed from" in result.stdout and "step_00000003" in result.stdout
+    assert [r["step"] for r in loss_records(out)] == [1, 2, 3, 4]
 
 
 def test_hostile_dataset_trains_and_counts_problems(tmp_path):

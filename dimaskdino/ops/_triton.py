@@ -133,7 +133,7 @@ def check_direct_call(op: str, kernels: str, tensor: torch.Tensor, unsupported: 
         raise ValueError(f"{op}: {unsupported}")
 
 
-def alert_not_deterministic(what: str) -> None:
+def alert_not_deterministic(what: str, alternative: str | None = "impl='ref' for this op") -> None:
     """As PyTorch's own nondeterministic CUDA backward passes (grid_sample's): an error under
     torch.use_deterministic_algorithms(True), a warning under warn_only=True, nothing otherwise.
     Public API only: torch._C._alert_not_deterministic no longer exists (torch 2.11 to 2.14)."""
@@ -143,7 +143,8 @@ def alert_not_deterministic(what: str) -> None:
     if torch.is_deterministic_algorithms_warn_only_enabled():
         warnings.warn(f"{message} with warn_only=True", stacklevel=2)
         return
-    raise RuntimeError(f"{message}; use impl='ref' for this op or warn_only=True")
+    way_out = f"use {alternative} or warn_only=True" if alternative else "use warn_only=True"
+    raise RuntimeError(f"{message}; {way_out}")
 
 
 def dot_precision(dtype: torch.dtype) -> str:

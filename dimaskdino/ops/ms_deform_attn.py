@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 from dimaskdino import _extension
+from dimaskdino.ops._triton import alert_not_deterministic
 
 OP_NAME = "dimaskdino::ms_deform_attn"
 IMPLS = ("auto", "cpu", "cuda", "ref")
@@ -171,17 +172,23 @@ def _register() -> None:
     def _fake_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
         return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
 
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
 
-    def backward(ctx, grad_output):
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-        grad_value, grad_loc, grad_weights = torch.ops.dimaskdino._ms_deform_attn_backward(
-            grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-        )
-        return grad_value, None, None, grad_loc, grad_weights
 
-    torch.library.register_autograd(OP_NAME, backward, setup_context=setup_context)
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    if value.is_cuda:
+        # The CUDA backward scatters into grad_value with atomic adds (the CPU one splits the work
+        # so that it needs none). The reference is no way out: grid_sample's CUDA backward alerts too.
+        alert_not_deterministic("ms_deform_attn backward (CUDA kernel with atomic adds)", alternative=None)
+    grad_value, grad_loc, grad_weights = torch.ops.dimaskdino._ms_deform_attn_backward(
+        grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+    return grad_value, None, None, grad_loc, grad_weights
 
 
 if _extension.load_error() is None:
