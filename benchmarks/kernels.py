@@ -481,15 +481,27 @@ def bench_topk(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
         floor_bytes = batch * seq * dim * elem + weight_bytes + batch * seq * 4 + batch * k * (4 + 8)
         flops = 2 * batch * seq * dim * ((dim if shape["proj"] else 0) + classes)
         _, expected = topk_select_ref(*args)
+        scores64 = topk_scores_float64(args)
         reference_ms = None
         for impl_name, fn in impls.items():
             if fn is None:
                 continue
-            try:
-                _, indices = fn(*args)
+            try:  # correctness against float64 before any timing
+                scores, indices = fn(*args)
+                error = topk_error_vs_float64(scores, indices, scores64, k)
                 overlap = sum(
                     len(set(indices[b].tolist()) & set(expected[b].tolist())) for b in range(batch)
                 ) / max(1, batch * k)
+            except Exception as exc:
+                rows.append(dict(op="topk", shape=shape, dtype=str(dtype), mode="forward", impl=impl_name, error=repr(exc)[:300]))
+                print(f"{shape['name']:8s} {str(dtype):15s} {'forward':17s} {impl_name:22s} failed: {repr(exc)[:120]}")
+                continue
+            if max(error.values()) > TOLERANCE[dtype]:
+                rows.append(dict(op="topk", shape=shape, dtype=str(dtype), mode="forward", impl=impl_name,
+                                 incorrect=True, relative_error_vs_float64=error))
+                print(f"{shape['name']:8s} {str(dtype):15s} {'forward':17s} {impl_name:22s} NOT TIMED: {error}")
+                continue
+            try:
                 timing = time_ms(lambda fn=fn: fn(*args), device, reps)
             except Exception as exc:
                 rows.append(dict(op="topk", shape=shape, dtype=str(dtype), mode="forward", impl=impl_name, error=repr(exc)[:300]))
@@ -498,8 +510,32 @@ def bench_topk(device: torch.device, reps: int, peak_gbs: float) -> list[dict]:
             if impl_name == "reference":
                 reference_ms = timing["median_ms"]
             rows.append(_bato_topk_row("topk", shape, dtype, "forward", impl_name, timing, floor_bytes, flops, peak_gbs,
-                                               reference_ms, dict(index_overlap=overlap)))
+                                       reference_ms, dict(index_overlap=overlap, relative_error_vs_float64=error)))
     return rows
+
+
+def topk_scores_float64(args) -> torch.Tensor:
+    """(B, S) float64 score of every token: the reference on float64 copies of the inputs."""
+    from dimaskdino.ops import topk_select_ref
+
+    memory, *weights, k = args
+    args64 = [memory.double(), *(None if w is None else w.double() for w in weights)]
+    top, index = topk_select_ref(*args64, memory.shape[1])
+    return torch.empty_like(top).scatter_(1, index, top)
+
+
+def topk_error_vs_float64(scores: torch.Tensor, indices: torch.Tensor, scores64: torch.Tensor, k: int) -> dict:
+    """Errors of a top-k selection against float64, relative to max(|score|, 1). "selection": the
+    float64 scores of the picked tokens, sorted, against the true float64 top-k (near-ties may swap
+    tokens, never a token much worse than the k-th); "scores": the scores returned against the
+    float64 scores of the same tokens; "duplicates": 1 when a token is picked twice."""
+    picked = scores64.gather(1, indices.long()).sort(dim=1, descending=True).values
+    best = scores64.topk(k, dim=1).values
+    duplicates = float(any(len(set(row.tolist())) != k for row in indices))
+    return {"selection": ((picked - best).abs() / best.abs().clamp(min=1)).max().item(),
+            "scores": ((scores.double() - scores64.gather(1, indices.long())).abs()
+                       / scores64.gather(1, indices.long()).abs().clamp(min=1)).max().item(),
+            "duplicates": duplicates}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,7 +643,8 @@ def bench_mask_loss(device: torch.device, reps: int, peak_gbs: float) -> list[di
         costs = []
         for name, e in embeds.items():
             pred = {"masks": torch.einsum("bqc,bchw->bqhw", e, features[name])}
-            costs.append(matcher.mask_costs(pred, points, gt_values))
+            wide = e.dtype == torch.float64  # the float64 check
+            costs.append(matcher.mask_costs(pred, points.double() if wide else points, gt_values.to(e.dtype) if wide else gt_values))
         return costs
 
     def matcher_fused(impl):
@@ -627,22 +664,25 @@ def bench_mask_loss(device: torch.device, reps: int, peak_gbs: float) -> list[di
         dice = (1.0 - (2.0 * (prob * targets).sum(-1) + 1.0) / (prob.sum(-1) + targets.sum(-1) + 1.0)).sum()
         return bce + dice
 
-    def loss_reference(embeds, features):
+    def sampled_points(name, matched):
+        return uncertainty_points(matched.detach(), num_points, 3.0, 0.75, rows_per_image=rows)
+
+    def loss_reference(embeds, features, points_for=sampled_points):
         total = 0.0
         for name, e in embeds.items():
             masks = torch.einsum("bqc,bchw->bqhw", e, features[name])
-            matched = masks[batch_idx, src[name]].float()
-            pts = uncertainty_points(matched.detach(), num_points, 3.0, 0.75, rows_per_image=rows)
-            total = total + dice_bce(point_sample(matched.unsqueeze(1), pts).squeeze(1), loss_targets)
+            matched = masks[batch_idx, src[name]]
+            matched = matched.float() if matched.dtype != torch.float64 else matched
+            pts = points_for(name, matched).to(matched.dtype)
+            total = total + dice_bce(point_sample(matched.unsqueeze(1), pts).squeeze(1), loss_targets.to(matched.dtype))
         return total
 
     def loss_fused(impl):
-        def fn(embeds, features):
+        def fn(embeds, features, points_for=sampled_points):
             total = 0.0
             for name, e in embeds.items():
                 matched = matched_mask_logits(e, features[name], src[name], rows).float()
-                pts = uncertainty_points(matched.detach(), num_points, 3.0, 0.75, rows_per_image=rows)
-                bce, dice = point_mask_loss(matched, pts, loss_targets, impl=impl)
+                bce, dice = point_mask_loss(matched, points_for(name, matched), loss_targets, impl=impl)
                 total = total + bce.sum() + dice.sum()
             return total
         return fn
@@ -662,6 +702,8 @@ def bench_mask_loss(device: torch.device, reps: int, peak_gbs: float) -> list[di
 
     with torch.no_grad():
         expected = matcher_reference(embeds, feature_of)
+    errors = mask_loss_errors_vs_float64(modes, embeds, features, outputs, matcher_reference, loss_reference,
+                                         sampled_points, batch_idx, src)
     rows_out = []
     for mode, impls in modes.items():
         backward = mode != "matcher cost"
@@ -669,18 +711,24 @@ def bench_mask_loss(device: torch.device, reps: int, peak_gbs: float) -> list[di
         for impl_name, fn in impls.items():
             if fn is None:
                 continue
+            error = errors[mode][impl_name]
+            if "error" in error or max(error.values()) > TOLERANCE[dtype]:
+                rows_out.append(dict(op="mask_loss", shape=shape, dtype=str(dtype), mode=mode, impl=impl_name,
+                                     incorrect=True, relative_error_vs_float64=error))
+                print(f"{'mask_loss':9s} {str(dtype):15s} {mode:18s} {impl_name:18s} NOT TIMED: {error}")
+                continue
             leaves = {name: e.detach().clone().requires_grad_(backward) for name, e in embeds.items()}
             feats = [f.detach().clone().requires_grad_(backward) for f in features]
             leaf_features = {name: feats[which] for name, (_, which) in outputs.items()}
             if backward:
                 def run(fn=fn, leaves=leaves, leaf_features=leaf_features, feats=feats):
-                    torch.autograd.grad(fn(leaves, leaf_features), [*leaves.values(), *feats])
+                    torch.autograd.grad(fn(leaves, leaf_features), [*leaves.values(), *feats], allow_unused=True)
             else:
                 def run(fn=fn, leaves=leaves, leaf_features=leaf_features):
                     with torch.no_grad():
                         return fn(leaves, leaf_features)
             try:
-                extra = {}
+                extra = {"relative_error_vs_float64": error}
                 if not backward:
                     got = run()
                     extra["max_rel_err"] = max(
@@ -705,6 +753,58 @@ def bench_mask_loss(device: torch.device, reps: int, peak_gbs: float) -> list[di
             err = f" rel err {row['max_rel_err']:.1e}" if "max_rel_err" in row else ""
             print(f"{'mask_loss':9s} {str(dtype):15s} {mode:18s} {impl_name:18s} {ms:10.3f} ms {speedup} {memory}{err}")
     return rows_out
+
+
+def mask_loss_errors_vs_float64(modes, embeds, features, outputs, matcher_reference, loss_reference, sampled_points,
+                                batch_idx, src) -> dict:
+    """{mode: {impl: relative L2 errors against float64}} for bench_mask_loss, before any timing.
+    Matcher costs: every output's BCE and dice costs against the reference on float64 copies. Loss:
+    the loss and its gradients (embeddings, both feature maps) against the float64 reference, all
+    at the same points (uncertainty points drawn once from the float64 logits, rounded to float32),
+    since points drawn from each implementation's own logits would differ where |logit| ties."""
+    embeds64 = {name: e.double() for name, e in embeds.items()}
+    features64 = [f.double() for f in features]
+    feature_of64 = {name: features64[which] for name, (_, which) in outputs.items()}
+    with torch.no_grad():
+        costs64 = matcher_reference(embeds64, feature_of64)
+        fixed = {}
+        for name, e in embeds64.items():
+            matched = torch.einsum("bqc,bchw->bqhw", e, feature_of64[name])[batch_idx, src[name]]
+            fixed[name] = sampled_points(name, matched).float()
+
+    def fixed_points(name, matched):
+        return fixed[name]
+
+    def loss_and_grads(fn, dtype_embeds, dtype_features):
+        leaves = {name: e.detach().clone().requires_grad_(True) for name, e in dtype_embeds.items()}
+        feats = [f.detach().clone().requires_grad_(True) for f in dtype_features]
+        leaf_features = {name: feats[which] for name, (_, which) in outputs.items()}
+        loss = fn(leaves, leaf_features, fixed_points)
+        grads = torch.autograd.grad(loss, [*leaves.values(), *feats], allow_unused=True)  # --quick: one feature map unused
+        return loss.detach(), torch.cat([g.flatten() for g in grads[:len(leaves)]]), grads[len(leaves):]
+
+    loss64, grad_embeds64, grad_features64 = loss_and_grads(loss_reference, embeds64, features64)
+    feature_of = {name: features[which] for name, (_, which) in outputs.items()}
+    errors: dict = {}
+    for mode, impls in modes.items():
+        errors[mode] = {}
+        for impl_name, fn in impls.items():
+            try:
+                if mode == "matcher cost":
+                    with torch.no_grad():
+                        costs = fn(embeds, feature_of)
+                    errors[mode][impl_name] = {
+                        "bce_cost": max(relative_error(got[0], want[0]) for got, want in zip(costs, costs64)),
+                        "dice_cost": max(relative_error(got[1], want[1]) for got, want in zip(costs, costs64))}
+                else:
+                    loss, grad_embeds, grad_features = loss_and_grads(fn, embeds, features)
+                    errors[mode][impl_name] = {
+                        "loss": relative_error(loss, loss64), "grad_embeddings": relative_error(grad_embeds, grad_embeds64),
+                        **{f"grad_features{i}": relative_error(g, w) for i, (g, w) in enumerate(zip(grad_features, grad_features64))
+                           if w is not None}}
+            except Exception as error:
+                errors[mode][impl_name] = {"error": repr(error)[:300]}
+    return errors
 
 
 SUITES = {

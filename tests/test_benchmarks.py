@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -71,3 +72,42 @@ def test_regenerate_quick_runs_every_script_into_the_folder_given(tmp_path):
     step = json.loads((tmp_path / "cpu-training-methods-step.json").read_text())
     assert set(step["rows"]["off"]["step_s"]) >= {"median", "min", "max", "samples"}
     assert _digest(ROOT / "benchmarks" / "results") == committed  # nothing written over the committed results
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/kernels.py times nothing that is wrong: every row is checked against float64 first
+
+
+def test_topk_check_catches_a_wrong_selection():
+    from benchmarks.kernels import topk_error_vs_float64
+
+    scores64 = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]], dtype=torch.float64)
+    good = topk_error_vs_float64(scores64[:, [1, 0]].float(), torch.tensor([[1, 0]]), scores64, 2)
+    assert max(good.values()) < 1e-6  # the same tokens in another order are a correct top-2
+    wrong = topk_error_vs_float64(torch.tensor([[5.0, 3.0]]), torch.tensor([[0, 2]]), scores64, 2)
+    assert wrong["selection"] == pytest.approx(0.25)  # picked 3 where the 2nd best is 4
+    twice = topk_error_vs_float64(torch.tensor([[5.0, 5.0]]), torch.tensor([[0, 0]]), scores64, 2)
+    assert twice["duplicates"] == 1.0
+
+
+def test_mask_loss_rows_that_disagree_with_float64_are_not_timed(monkeypatch):
+    """A fused loss 1 % off: its rows are marked incorrect and carry no time; the reference rows
+    (correct) are timed."""
+    import benchmarks.kernels as kernels
+    import dimaskdino.ops
+
+    real = dimaskdino.ops.point_mask_loss
+
+    def one_percent_off(*args, **kwargs):
+        bce, dice = real(*args, **kwargs)
+        return bce * 1.01, dice
+
+    monkeypatch.setattr(dimaskdino.ops, "point_mask_loss", one_percent_off)
+    monkeypatch.setattr(kernels, "QUICK", True)
+    monkeypatch.setattr(kernels, "COMPILE", "none")  # Inductor compiles would take minutes here
+    rows = kernels.bench_mask_loss(torch.device("cpu"), reps=1, peak_gbs=1.0)
+    by_key = {(row["mode"], row["impl"]): row for row in rows}
+    wrong = by_key[("mask loss fwd+bwd", "fused-pytorch")]
+    assert wrong.get("incorrect") and "median_ms" not in wrong and wrong["relative_error_vs_float64"]["loss"] > 1e-3
+    assert "median_ms" in by_key[("mask loss fwd+bwd", "reference")]
+    assert "median_ms" in by_key[("matcher cost", "fused-pytorch")]  # the matcher path does not use the loss
