@@ -107,6 +107,16 @@ class ModelConfig:
     hidden_dim: int = 256
     num_queries: int = 300  # queries entering the decoder (k2 with DI on)
     mask_enhanced_boxes: bool = True  # replace the selected boxes by the boxes of their masks
+    # Boxes of the first-selection masks (mask-enhanced boxes): "authors" (their masks_to_boxes:
+    # corners at the min and max pixel indices, no +1; an empty mask gives their degenerate box,
+    # x0 = y0 = 1e8, x1 = y1 = 0, which the eps-clamped inverse sigmoid maps to a zero-size box
+    # at the corner (1, 1)) or "pixel_edges" (the engine's former boxes: x1 = last index + 1,
+    # detectron2's BitMasks convention, and an empty mask keeps the token's selected box).
+    mask_box_style: str = "authors"
+    # Encoder proposal sizes w = h = 0.05 * 2^i: "authors" (i counts levels coarsest first, their
+    # FEATURE_ORDER low2high: 0.4 at stride 8 ... 0.05 at stride 64) or "by_stride" (i counts
+    # finest first: 0.05 at stride 8 ... 0.4 at stride 64, DINO's order and the engine's former one).
+    proposal_sizes: str = "authors"
     pixel_mean: tuple[float, ...] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, ...] = (58.395, 57.12, 57.375)
     size_divisibility: int = 32  # input H, W are padded up to a multiple of this
@@ -288,7 +298,10 @@ def _demo() -> Config:
     `torchrun -m dimaskdino.train` trains and evaluates within 15 minutes on 2 cores. Departures
     from the COCO recipe, each for training from scratch in minutes: no pretrained backbone (GroupNorm,
     and the full lr for it), milder scale jitter (0.5-1.5) on 256x256 images, 1,024 loss points,
-    and a 10-step warmup (3x the COCO lr on freshly initialized weights)."""
+    a 10-step warmup (3x the COCO lr on freshly initialized weights), and three of the engine's
+    former choices where the authors' lost AP at this scale (README "Training", demo figure):
+    proposal sizes growing with the stride, pixel-edge mask boxes that keep the selected box where
+    a mask is empty, and zeroed LSJ padding."""
     return _edit(
         _dimaskdino_r50_12ep(),
         **{
@@ -312,6 +325,9 @@ def _demo() -> Config:
             "model.bato.num_heads": 4,
             "model.bato.dim_feedforward": 256,
             "model.denoising.num_queries": 50,
+            "model.proposal_sizes": "by_stride",
+            "model.mask_box_style": "pixel_edges",
+            "model.zero_train_padding": True,
             "loss.num_points": 1024,
             "train.batch_size": 2,
             "train.lr": 3e-4,
@@ -568,6 +584,10 @@ def validate(cfg: Config) -> None:
         errors.append(f"model.train_masks must be 'auto', 'full' or 'points', got '{model.train_masks}'")
     if model.denoising.max_gt_scope not in ("process", "global"):
         errors.append(f"model.denoising.max_gt_scope must be 'process' or 'global', got '{model.denoising.max_gt_scope}'")
+    if model.mask_box_style not in ("authors", "pixel_edges"):
+        errors.append(f"model.mask_box_style must be 'authors' or 'pixel_edges', got '{model.mask_box_style}'")
+    if model.proposal_sizes not in ("authors", "by_stride"):
+        errors.append(f"model.proposal_sizes must be 'authors' or 'by_stride', got '{model.proposal_sizes}'")
     if model.size_divisibility < 1:
         errors.append("model.size_divisibility must be >= 1")
     train = cfg.train

@@ -472,6 +472,53 @@ def test_mask_enhanced_boxes_follow_the_authors_masks_to_boxes():
     torch.testing.assert_close(boxes[0, 2], torch.tensor([near, near, near, near]))
 
 
+def test_pixel_edge_mask_boxes_and_empty_masks_keep_the_selected_box():
+    logits = torch.full((1, 2, 8, 10), -1.0)
+    logits[0, 0, 2:4, 5:10] = 1.0  # rows 2..3, columns 5..9
+    selected = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]]])
+    boxes = mask_enhanced_boxes(logits, selected)
+    torch.testing.assert_close(boxes[0, 0], torch.tensor([0.75, 0.375, 0.5, 0.25]))  # x 5..10 of 10, y 2..4 of 8
+    torch.testing.assert_close(boxes[0, 1], selected[0, 1])  # no mask: the selected box
+
+
+def test_proposal_sizes_by_stride_grow_with_the_stride():
+    proposals, _ = encoder_proposals([(8, 8), (4, 4), (2, 2), (1, 1)], torch.device("cpu"), sizes="by_stride")
+    sizes = proposals.sigmoid()[[0, 64, 80, 84], 2]
+    torch.testing.assert_close(sizes, torch.tensor([0.05, 0.1, 0.2, 0.4]))
+
+
+@pytest.mark.parametrize("key,value", [("model.mask_box_style", "pixel_edges"), ("model.proposal_sizes", "by_stride")])
+def test_former_box_choices_change_the_training_forward(key, value):
+    """Each switch reaches the model: same weights and batch, different outputs downstream of the
+    first boxes (the mask-embedding MLP's last layer zeroed, so every first-selection mask is
+    empty: the case where the selected box is kept)."""
+    common = ["model.num_classes=3", "model.di.num_first_selection=60", "model.num_queries=20",
+              "model.bato.num_guiding_tokens=5", "model.mask_box_style=authors", "model.proposal_sizes=authors"]
+    batch = images(1, 64, 64)
+    outputs = []
+    for overrides in (common, [*common, f"{key}={value}"]):
+        model = small_model(*overrides, train=False)
+        with torch.no_grad():
+            last = model.heads.mask_embed.layers[-1]
+            last.weight.zero_()
+            last.bias.zero_()
+            outputs.append(_tensors(model(batch)))
+    assert len(outputs[0]) == len(outputs[1])
+    assert not all(torch.equal(a, b) for a, b in zip(*outputs))
+    with pytest.raises(ValueError, match=key):
+        small_cfg(f"{key}=sideways")
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return []
+
+
 def test_encoder_proposal_sizes_follow_the_authors_level_order():
     # levels fine to coarse (strides 8, 16, 32, 64): w = h = 0.4, 0.2, 0.1, 0.05
     shapes = [(8, 8), (4, 4), (2, 2), (1, 1)]

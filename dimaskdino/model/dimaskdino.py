@@ -47,6 +47,8 @@ class DIMaskDINO(nn.Module):
         hybrid_masks: bool = False,
         expose_embeddings: bool = False,
         zero_train_padding: bool = False,
+        mask_box_style: str = "authors",
+        proposal_sizes: str = "authors",
     ):
         super().__init__()
         if train_masks not in TRAIN_MASKS:
@@ -78,6 +80,10 @@ class DIMaskDINO(nn.Module):
         # training keeps the LSJ canvas padding (pixel 128, normalized) that the authors' model
         # sees, unless zero_train_padding (the engine's former behaviour).
         self.zero_train_padding = zero_train_padding
+        # Mask-enhanced boxes as the authors make them or "pixel_edges" (the former ones); proposal
+        # sizes in the authors' level order or "by_stride" (config.ModelConfig says more).
+        self.mask_box_style = mask_box_style
+        self.proposal_sizes = proposal_sizes
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), False)
 
@@ -265,7 +271,7 @@ class DIMaskDINO(nn.Module):
         interaction ("ti{i}" outputs) and the second selection. Returns the matching queries'
         content (B, Q, d) and boxes (B, Q, 4) for the decoder."""
         heads = self.heads
-        proposals, valid = encoder_proposals(encoded.shapes, encoded.memory.device)
+        proposals, valid = encoder_proposals(encoded.shapes, encoded.memory.device, self.proposal_sizes)
         selection = self.token_selection(encoded.memory, proposals, valid, heads, self.num_first_selection)
         interm = heads.predict(selection.content, encoded.mask_features, point_masks=point_masks)
         interm["boxes"] = selection.boxes
@@ -279,7 +285,7 @@ class DIMaskDINO(nn.Module):
                     interm_masks = masks_from_embeddings(interm["mask_embed"], encoded.mask_features)
             else:
                 interm_masks = interm["masks"].detach()
-            boxes = mask_enhanced_boxes(interm_masks)
+            boxes = mask_enhanced_boxes(interm_masks, boxes if self.mask_box_style == "pixel_edges" else None)
         content = selection.content.detach()
         if self.token_interaction is None:
             return content, boxes
@@ -453,6 +459,8 @@ def build_model(cfg) -> DIMaskDINO:
         hybrid_masks=cfg.train.hybrid_masks,
         expose_embeddings=cfg.train.inter_scene or cfg.train.equivariance,
         zero_train_padding=model_cfg.zero_train_padding,
+        mask_box_style=model_cfg.mask_box_style,
+        proposal_sizes=model_cfg.proposal_sizes,
     )
     # Evaluation autocast on a GPU (evaluate.autocast_for): bf16 with train.amp=bf16; the authors
     # evaluate in fp32 (detectron2's inference has no autocast).

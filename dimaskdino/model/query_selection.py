@@ -13,11 +13,12 @@ from dimaskdino.model.layers import box_xyxy_to_cxcywh, inverse_sigmoid, masks_t
 from dimaskdino.ops import class_max_scores
 
 
-def encoder_proposals(shapes: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def encoder_proposals(shapes: list[tuple[int, int]], device: torch.device, sizes: str = "authors") -> tuple[torch.Tensor, torch.Tensor]:
     """One proposal per token: a box centred on the token, in inverse-sigmoid space, with
     w = h = 0.05 * 2^i where i counts levels coarsest first (the order in which the authors'
     decoder flattens them, FEATURE_ORDER low2high): 0.05 at the coarsest level (stride 64) ...
     0.4 at the finest (stride 8); `shapes` are fine to coarse, as everywhere in the model.
+    sizes="by_stride": i counts levels finest first (0.05 at stride 8 ... 0.4 at stride 64).
     Returns proposals (S, 4) and valid (S,); the proposals of tokens too close to the border (any
     coordinate outside (0.01, 0.99)) are +inf, as in MaskDINO's gen_encoder_output_proposals.
     Batch independent: the model uses no padding mask."""
@@ -27,7 +28,8 @@ def encoder_proposals(shapes: list[tuple[int, int]], device: torch.device) -> tu
         ys = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height
         xs = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-        size = torch.full_like(grid_x, 0.05 * 2.0 ** (num_levels - 1 - level))
+        exponent = level if sizes == "by_stride" else num_levels - 1 - level
+        size = torch.full_like(grid_x, 0.05 * 2.0**exponent)
         proposals.append(torch.stack((grid_x, grid_y, size, size), dim=-1).reshape(-1, 4))
     proposals = torch.cat(proposals, dim=0)
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(dim=-1)
@@ -90,13 +92,21 @@ class TokenSelection(nn.Module):
         return Selection(content=content, boxes=boxes, index=index)
 
 
-def mask_enhanced_boxes(mask_logits: torch.Tensor) -> torch.Tensor:
+def mask_enhanced_boxes(mask_logits: torch.Tensor, selected_boxes: torch.Tensor | None = None) -> torch.Tensor:
     """Boxes of the predicted masks (logits > 0), normalized cxcywh, as the authors make them
     (their box_ops.masks_to_boxes, then inverse_sigmoid, then sigmoid in the decoder): corners at
     the (min, max) pixel indices with no +1, and an empty mask gives their degenerate box
     (x0 = y0 = 1e8, x1 = y1 = 0), which the eps-clamped inverse sigmoid turns into
-    (1/(1+1e-5), 1/(1+1e-5), 1e-5/(1+1e-5), 1e-5/(1+1e-5)). Sync-free. mask_logits (B, K, h, w)."""
+    (1/(1+1e-5), 1/(1+1e-5), 1e-5/(1+1e-5), 1e-5/(1+1e-5)). Sync-free. mask_logits (B, K, h, w).
+
+    With `selected_boxes` (B, K, 4) (model.mask_box_style=pixel_edges, the engine's former boxes):
+    pixel-edge corners (x1 = last index + 1), no inverse-sigmoid clamp, and a query whose mask is
+    empty keeps its selected box."""
     height, width = mask_logits.shape[-2:]
     boxes_xyxy = masks_to_boxes(mask_logits > 0, inclusive_max=False, empty_value=(1e8, 1e8, 0.0, 0.0))
     scale = torch.tensor([width, height, width, height], dtype=boxes_xyxy.dtype, device=boxes_xyxy.device)
-    return inverse_sigmoid(box_xyxy_to_cxcywh(boxes_xyxy) / scale).sigmoid()
+    if selected_boxes is None:
+        return inverse_sigmoid(box_xyxy_to_cxcywh(boxes_xyxy) / scale).sigmoid()
+    foreground = mask_logits > 0
+    boxes = box_xyxy_to_cxcywh(masks_to_boxes(foreground) / scale).to(selected_boxes.dtype)
+    return torch.where(foreground.flatten(2).any(dim=-1, keepdim=True), boxes, selected_boxes)
