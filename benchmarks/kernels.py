@@ -529,12 +529,12 @@ def topk_error_vs_float64(scores: torch.Tensor, indices: torch.Tensor, scores64:
     float64 scores of the picked tokens, sorted, against the true float64 top-k (near-ties may swap
     tokens, never a token much worse than the k-th); "scores": the scores returned against the
     float64 scores of the same tokens; "duplicates": 1 when a token is picked twice."""
-    picked = scores64.gather(1, indices.long()).sort(dim=1, descending=True).values
+    at_picked = scores64.gather(1, indices.long())
+    picked = at_picked.sort(dim=1, descending=True).values
     best = scores64.topk(k, dim=1).values
     duplicates = float(any(len(set(row.tolist())) != k for row in indices))
     return {"selection": ((picked - best).abs() / best.abs().clamp(min=1)).max().item(),
-            "scores": ((scores.double() - scores64.gather(1, indices.long())).abs()
-                       / scores64.gather(1, indices.long()).abs().clamp(min=1)).max().item(),
+            "scores": ((scores.double() - at_picked).abs() / at_picked.abs().clamp(min=1)).max().item(),
             "duplicates": duplicates}
 
 

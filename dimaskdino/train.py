@@ -141,8 +141,8 @@ def shard_model(model: nn.Module, world_size: int) -> nn.Module:
     """FSDP2: one unit per encoder and decoder layer and the backbone, then the root (which keeps
     the shared heads together in one unit). One process gets the plain model: FSDP2 would still
     gather and scatter copies of every unit each step and make every parameter a DTensor (a slower
-    optimizer step), for no memory saving. Checkpoints do not
-    differ: DCP stores global tensors either way, so any world size resumes any other."""
+    optimizer step), for no memory saving. Checkpoints do not differ: DCP stores global tensors
+    either way, so any world size resumes any other."""
     if world_size == 1:
         return model
     from torch.distributed.fsdp import fully_shard

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 
 import dimaskdino.model.ms_deform_attn as msda_module
 from dimaskdino.config import apply_overrides, get_preset
@@ -502,21 +503,11 @@ def test_former_box_choices_change_the_training_forward(key, value):
             last = model.heads.mask_embed.layers[-1]
             last.weight.zero_()
             last.bias.zero_()
-            outputs.append(_tensors(model(batch)))
+            outputs.append([t for t in tree_leaves(model(batch)) if isinstance(t, torch.Tensor)])
     assert len(outputs[0]) == len(outputs[1])
     assert not all(torch.equal(a, b) for a, b in zip(*outputs))
     with pytest.raises(ValueError, match=key):
         small_cfg(f"{key}=sideways")
-
-
-def _tensors(tree):
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for v in tree.values() for t in _tensors(v)]
-    if isinstance(tree, (list, tuple)):
-        return [t for v in tree for t in _tensors(v)]
-    return []
 
 
 def test_encoder_proposal_sizes_follow_the_authors_level_order():

@@ -103,10 +103,10 @@ def mask_enhanced_boxes(mask_logits: torch.Tensor, selected_boxes: torch.Tensor 
     pixel-edge corners (x1 = last index + 1), no inverse-sigmoid clamp, and a query whose mask is
     empty keeps its selected box."""
     height, width = mask_logits.shape[-2:]
-    boxes_xyxy = masks_to_boxes(mask_logits > 0, inclusive_max=False, empty_value=(1e8, 1e8, 0.0, 0.0))
-    scale = torch.tensor([width, height, width, height], dtype=boxes_xyxy.dtype, device=boxes_xyxy.device)
-    if selected_boxes is None:
-        return inverse_sigmoid(box_xyxy_to_cxcywh(boxes_xyxy) / scale).sigmoid()
     foreground = mask_logits > 0
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=mask_logits.device)
+    if selected_boxes is None:
+        boxes_xyxy = masks_to_boxes(foreground, inclusive_max=False, empty_value=(1e8, 1e8, 0.0, 0.0))
+        return inverse_sigmoid(box_xyxy_to_cxcywh(boxes_xyxy) / scale).sigmoid()
     boxes = box_xyxy_to_cxcywh(masks_to_boxes(foreground) / scale).to(selected_boxes.dtype)
     return torch.where(foreground.flatten(2).any(dim=-1, keepdim=True), boxes, selected_boxes)
