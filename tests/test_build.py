@@ -41,6 +41,36 @@ def test_cuda_source_compiles_for_sm90a(source, tmp_path):
     assert result.returncode == 0, f"nvcc failed on {source}:\n{result.stderr[-4000:]}"
 
 
+def test_cuda_kernels_reject_levels_outside_value(tmp_path):
+    """The CUDA kernels check every level of spatial_shapes / level_start_index against value's
+    token count while staging it (no host sync), and trap before any read. The check itself is
+    host-callable, so a host program built by nvcc runs it here on the cases that matter."""
+    nvcc = nvcc_or_skip()
+    program = tmp_path / "level_fits.cu"
+    program.write_text(
+        '#include "ms_deform_attn/cuda/ms_deform_attn_device.cuh"\n'
+        "using dimaskdino::msda::detail::level_fits;\n"
+        "int main() {\n"
+        "  const long long big = 1LL << 40;\n"
+        "  const bool ok = level_fits(32, 32, 0, 1360) && level_fits(4, 4, 1344, 1360)\n"
+        "      && level_fits(1, 1, 0, 1)\n"
+        "      && !level_fits(4, 5, 1344, 1360)     /* last level one row past the end */\n"
+        "      && !level_fits(32, 32, -1, 1360)     /* negative start */\n"
+        "      && !level_fits(0, 32, 0, 1360) && !level_fits(32, -2, 0, 1360)\n"
+        "      && !level_fits(1, 1, 1360, 1360)     /* starts at the end */\n"
+        "      && !level_fits(big, big, 0, 1360)    /* h * w would overflow int64 */\n"
+        "      && !level_fits(-big, -big, 0, 1360);\n"
+        "  return ok ? 0 : 1;\n"
+        "}\n")
+    binary = tmp_path / "level_fits"
+    build = subprocess.run([nvcc, "-std=c++17", f"-I{ROOT / 'csrc'}", str(program), "-o", str(binary)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-4000:]
+    assert subprocess.run([str(binary)]).returncode == 0, "level_fits accepted a bad level or rejected a good one"
+    kernels = (ROOT / "csrc" / "ms_deform_attn" / "cuda" / "ms_deform_attn_kernels.cu").read_text()
+    assert kernels.count("stage_levels(p.spatial_shapes, p.level_start, d.levels, d.num_value)") == 2
+
+
 @pytest.mark.parametrize("source", CUDA_GLUE_SOURCES, ids=lambda p: os.path.relpath(p, ROOT))
 def test_cuda_glue_compiles_against_torch_headers(source, tmp_path):
     """The torch side of the CUDA kernels, compiled (not linked) with the host compiler. A CPU build

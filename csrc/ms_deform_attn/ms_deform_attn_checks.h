@@ -1,8 +1,9 @@
 // Shape and dtype checks of the MSDA op shared by the CPU and CUDA implementations. The Python
 // wrapper validates user input first; these catch direct torch.ops calls that skip it.
 // The contents of spatial_shapes and level_start_index (which bound every read of value) are
-// checked where they are on the host; on a GPU that would cost a device-to-host copy and a sync
-// per call, so there only the shapes are checked.
+// checked here where they are on the host; on a GPU that would cost a device-to-host copy and a
+// sync per call, so the CUDA kernels check each level while staging it instead (level_fits in
+// cuda/ms_deform_attn_device.cuh) and trap before reading value.
 #pragma once
 #include <ATen/core/Tensor.h>
 

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 
 namespace dimaskdino {
@@ -215,13 +216,33 @@ struct Level {
   float hf, wf;
 };
 
+// Whether a level's rows [start, start + h * w) lie inside value's num_value tokens: the bound on
+// every read of value. On the CPU the op checks the contents of spatial_shapes on the host; a GPU
+// check there would cost a device-to-host copy and a sync per call, so the kernels check each
+// level while staging it (a few integer ops per level and block). Host-callable for the tests.
+__host__ __device__ __forceinline__ bool level_fits(int64_t h, int64_t w, int64_t start,
+                                                    int64_t num_value) {
+  return h > 0 && w > 0 && start >= 0 && start <= num_value && h <= num_value &&
+         w <= num_value && h * w <= num_value - start;
+}
+
+// A level that does not fit stops the kernel before any read of value: the message names the
+// level, then __trap() aborts the launch (the CUDA context reports a launch failure at the next
+// sync, like a device-side assert in PyTorch's own kernels).
 __device__ __forceinline__ const int4* stage_levels(const int64_t* spatial_shapes,
-                                                    const int64_t* level_start, int num_levels) {
+                                                    const int64_t* level_start, int num_levels,
+                                                    int num_value) {
   extern __shared__ int4 s_levels[];
   for (int l = threadIdx.x; l < num_levels; l += blockDim.x) {
-    s_levels[l] = make_int4(static_cast<int>(spatial_shapes[2 * l]),
-                            static_cast<int>(spatial_shapes[2 * l + 1]),
-                            static_cast<int>(level_start[l]), 0);
+    const int64_t h = spatial_shapes[2 * l], w = spatial_shapes[2 * l + 1], start = level_start[l];
+    if (!level_fits(h, w, start, num_value)) {
+      printf("dimaskdino ms_deform_attn: spatial_shapes / level_start_index: level %d (h=%lld, "
+             "w=%lld, start=%lld) does not lie inside value's %d tokens\n",
+             l, static_cast<long long>(h), static_cast<long long>(w),
+             static_cast<long long>(start), num_value);
+      __trap();
+    }
+    s_levels[l] = make_int4(static_cast<int>(h), static_cast<int>(w), static_cast<int>(start), 0);
   }
   __syncthreads();
   return s_levels;

@@ -46,6 +46,7 @@ struct Dims {
   int64_t num_groups;          // B * Q * H
   int64_t groups_per_batch;    // Q * H
   int64_t value_batch_stride;  // S * H * D, elements
+  int num_value;               // S: every level must lie inside it
   int heads;                   // H
   int channels;                // D
   int levels;                  // L
@@ -162,7 +163,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads, 4)
     ms_deform_attn_forward_kernel(const ForwardParams<T> p) {
   const Dims& d = p.dims;
-  const int4* levels = stage_levels(p.spatial_shapes, p.level_start, d.levels);
+  const int4* levels = stage_levels(p.spatial_shapes, p.level_start, d.levels, d.num_value);
 
   const int group_size = 1 << d.group_log2;
   const int lane = threadIdx.x & (group_size - 1);
@@ -238,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, kOneChunk ? 3 : 2)
     ms_deform_attn_backward_kernel(const BackwardParams<T> p) {
   using IO = VecIO<T, VEC>;
   const Dims& d = p.dims;
-  const int4* levels = stage_levels(p.spatial_shapes, p.level_start, d.levels);
+  const int4* levels = stage_levels(p.spatial_shapes, p.level_start, d.levels, d.num_value);
 
   const int group_size = 1 << d.group_log2;
   const int lane = threadIdx.x & (group_size - 1);
@@ -351,6 +352,7 @@ Dims make_dims(const Problem& pr, int vec) {
   d.num_groups = pr.batch * pr.num_query * pr.num_heads;
   d.groups_per_batch = pr.num_query * pr.num_heads;
   d.value_batch_stride = pr.num_value * pr.num_heads * pr.channels;
+  d.num_value = static_cast<int>(pr.num_value);
   d.heads = static_cast<int>(pr.num_heads);
   d.channels = static_cast<int>(pr.channels);
   d.levels = static_cast<int>(pr.num_levels);
