@@ -10,8 +10,8 @@ the same code on tiny inputs, in seconds per script, which is what CI runs to pr
 work; its figures mean nothing. A step whose script has no `--quick`, or that repeats an earlier
 step's code path, is skipped in quick mode, with a line that says so. DIR/regenerate.json lists what ran, the commands and their times.
 
-Rough full-run times on the 2-core CPU: kernels a few minutes, model-stats 2-3 min, compile-check
-about 4 min (cold Inductor cache), training-methods-step 5-10 min, training-methods-ap about
+Rough full-run times on the 2-core CPU: kernels a few minutes, model-stats 2-3 min, parity-reverts
+under a minute, compile-check about 4 min (cold Inductor cache), training-methods-step 5-10 min, training-methods-ap about
 60 min, its seed-1 row 6 min, demo-train 15 min.
 """
 
@@ -34,6 +34,7 @@ SCRATCH = ROOT / "outputs" / "benchmarks"
 STEPS: dict[str, list[str]] = {
     "kernels": ["benchmarks/kernels.py"],
     "model-stats": ["benchmarks/model_stats.py"],
+    "parity-reverts": ["benchmarks/parity_reverts.py"],
     "compile-check": ["benchmarks/compile_check.py", "--cold"],
     "training-methods-step": ["benchmarks/training_methods.py", "step"],
     "training-methods-ap": ["benchmarks/training_methods.py", "ap", "--epochs", "4"],

@@ -111,3 +111,37 @@ def test_mask_loss_rows_that_disagree_with_float64_are_not_timed(monkeypatch):
     assert wrong.get("incorrect") and "median_ms" not in wrong and wrong["relative_error_vs_float64"]["loss"] > 1e-3
     assert "median_ms" in by_key[("mask loss fwd+bwd", "reference")]
     assert "median_ms" in by_key[("matcher cost", "fused-pytorch")]  # the matcher path does not use the loss
+
+
+def test_readme_figures_match_the_committed_results():
+    """Every table of figures in the README is what benchmarks/readme_figures.py renders from the
+    committed result files, and those were written from clean trees."""
+    from benchmarks.readme_figures import README, differences
+
+    assert differences(README.read_text()) == []
+
+
+def test_readme_figures_check_catches_an_edited_figure_and_a_dirty_result(tmp_path, monkeypatch):
+    import benchmarks.readme_figures as figures
+
+    readme = figures.README.read_text()
+    demo = figures.demo()
+    edited = readme.replace(demo, demo.replace("**", "*", 1), 1)
+    assert edited != readme and any(problem.startswith("demo:") for problem in figures.differences(edited))
+
+    # The same file, as if written from a dirty tree: not a result the README may quote.
+    data = json.loads((figures.RESULTS / "cpu-demo-train.json").read_text())
+    (tmp_path / "cpu-demo-train.json").write_text(json.dumps({**data, "git_dirty": True}))
+    monkeypatch.setattr(figures, "RESULTS", tmp_path)
+    with pytest.raises(figures.MissingResult, match="dirty tree"):
+        figures.demo()
+
+
+def test_no_benchmark_script_writes_into_the_committed_results_by_default():
+    """benchmarks/results/ is updated on purpose (--out benchmarks/results), never by a plain run."""
+    offenders = []
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        for line in script.read_text().splitlines():
+            if '"--out"' in line and "default=" in line and '"results"' in line:
+                offenders.append(f"{script.name}: {line.strip()}")
+    assert offenders == []
