@@ -394,7 +394,9 @@ def _project_caller() -> str:
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_code.co_filename
-        if "/dimaskdino/" in name and "/benchmarks/" not in name:
+        # The CUDA torch venv lives under ~/.cache/dimaskdino/, so torch's own files also contain
+        # "/dimaskdino/": installed packages are never the project.
+        if "/dimaskdino/" in name and "/benchmarks/" not in name and "/site-packages/" not in name:
             return f"{name[name.rindex('/dimaskdino/') + 1:]}:{frame.f_code.co_name}:{frame.f_lineno}"
         frame = frame.f_back
     return "outside the project (backward formulas)"

@@ -67,3 +67,12 @@ def test_fake_gpu_step_takes_every_cuda_branch(fake_step):
     missed = [f"{b['file']}:{b['line']} if {b['test']}" for b in report["gpu_branches"] if not b["cuda_side_ran"]]
     assert report["gpu_branches"], "no CUDA branch found: the scanner is broken"
     assert not missed, "CUDA sides not run by the fake-GPU step:\n" + "\n".join(missed)
+
+
+def test_saved_activations_are_attributed_to_project_lines(fake_step):
+    """The largest saving sites name lines of dimaskdino's own files, never torch's (whose venv
+    may sit under a folder called dimaskdino)."""
+    report, _ = fake_step
+    sites = report["runs"]["base"]["memory"]["largest_saving_sites"]
+    assert sites and not [site for site in sites if "site-packages" in site], sites
+    assert any(site.startswith("dimaskdino/model/") for site in sites), sites
