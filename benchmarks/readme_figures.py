@@ -22,7 +22,7 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.spread import compare, format_overhead  # noqa: E402
+from benchmarks.spread import compare, compare_summaries, format_overhead, format_ratio  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
@@ -131,11 +131,11 @@ def timing_cell(row: dict | None) -> str:
 
 
 def ratio_cell(base: dict, new: dict) -> str:
-    """base time / new time with the worst and best pairing of the stored min and max."""
-    ratio = base["median_ms"] / new["median_ms"]
-    low, high = base["min_ms"] / new["max_ms"], base["max_ms"] / new["min_ms"]
-    verdict = "" if low > 1 or high < 1 else ", not significant"
-    return f"{ratio:.1f}x ({low:.1f}x-{high:.1f}x){verdict}"
+    """How many times faster `new` is than `base` (kernel rows store only median, min and max)."""
+    def times(row: dict) -> dict:
+        return {key: row[f"{key}_ms"] for key in ("median", "min", "max")}
+
+    return format_ratio(compare_summaries(times(new), times(base)))
 
 
 def mask_loss_cpu() -> str:
@@ -185,9 +185,7 @@ def compile_check() -> str:
     name = "cpu-compile-check.json"
     data = load(name)
     compiled, eager = data["compiled_call_s"], data["eager_call_s"]
-    speed = compare(compiled["samples"], eager["samples"])  # > 1: compiled is faster
-    verdict = f"{speed['ratio']:.2f}x ({speed['low']:.2f}x-{speed['high']:.2f}x)" + (
-        "" if speed["significant"] else ", not significant")
+    verdict = format_ratio(compare(compiled["samples"], eager["samples"]), digits=2)  # > 1: compiled is faster
     return "\n".join([
         f"| backend | eager loss | compiled loss | first call (compile) | compiled call | eager call | eager / compiled |",
         "|---|---|---|---|---|---|---|",

@@ -26,11 +26,21 @@ def compare(base: Sequence[float], new: Sequence[float]) -> dict:
     """How many times `new` is the `base` quantity (e.g. time with a switch / time without):
     "ratio" of medians, "low" and "high" the smallest and largest ratio any pair of samples gives,
     "significant" when low > 1 or high < 1 (the ranges of the two do not overlap)."""
-    base, new = summarize(base), summarize(new)
+    return compare_summaries(summarize(base), summarize(new))
+
+
+def compare_summaries(base: dict, new: dict) -> dict:
+    """compare() from {"median", "min", "max"} of each side, for results that stored only those."""
     if base["min"] <= 0 or new["min"] <= 0:
         raise ValueError("compare: samples must be positive")
     low, high = new["min"] / base["max"], new["max"] / base["min"]
     return {"ratio": new["median"] / base["median"], "low": low, "high": high, "significant": low > 1 or high < 1}
+
+
+def format_ratio(result: dict, digits: int = 1) -> str:
+    """compare() as a ratio: '4.8x (4.5x-5.1x)', or '... , not significant'."""
+    text = f"{result['ratio']:.{digits}f}x ({result['low']:.{digits}f}x-{result['high']:.{digits}f}x)"
+    return text if result["significant"] else text + ", not significant"
 
 
 def format_overhead(result: dict) -> str:

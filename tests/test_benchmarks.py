@@ -15,7 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.spread import compare, format_overhead, summarize  # noqa: E402
+from benchmarks.spread import compare, compare_summaries, format_overhead, format_ratio, summarize  # noqa: E402
 
 
 def test_summarize_keeps_median_and_spread():
@@ -34,6 +34,9 @@ def test_a_ratio_whose_spread_includes_one_is_not_significant():
     assert not noisy["significant"] and format_overhead(noisy).endswith("not significant")
     faster = compare([2.0, 2.1], [1.0, 1.05])
     assert faster["significant"] and faster["high"] < 1
+    assert format_ratio(clear) == "2.0x (1.7x-2.4x)" and format_ratio(noisy).endswith("not significant")
+    # Results that kept only median / min / max compare the same way as their samples.
+    assert compare_summaries(summarize([1.0, 1.1, 0.9]), summarize([2.0, 2.2, 1.9])) == clear
 
 
 def test_regenerate_refuses_to_write_quick_figures_over_the_committed_results():
